@@ -1,0 +1,6 @@
+"""autojudge: lossy speculative decoding (AutoJudge, Judge Decoding) on a static-KV-cache engine."""
+
+from autojudge.engine.engine import Engine, GenerationOutput, GenerationStats
+from autojudge.errors import AutojudgeError
+
+__all__ = ["Engine", "GenerationOutput", "GenerationStats", "AutojudgeError"]

@@ -1,0 +1,3 @@
+from autojudge.cli import main
+
+main()

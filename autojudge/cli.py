@@ -1,0 +1,58 @@
+"""`autojudge` command line: generate / mine / features / train / eval / bench."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from autojudge.errors import AutojudgeError
+
+
+class _Group(click.Group):
+    """Turns AutojudgeError (and a few predictable OS errors) into one line on stderr and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AutojudgeError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except FileNotFoundError as err:
+            click.echo(f"error: file not found: {err.filename or err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="autojudge")
+def main():
+    """Lossy speculative decoding with AutoJudge / Judge Decoding heads."""
+
+
+def _register():
+    from autojudge.engine.cli import bench, generate
+
+    main.add_command(generate)
+    main.add_command(bench)
+    try:
+        from autojudge.mining.cli import mine
+        main.add_command(mine)
+    except ImportError:
+        pass
+    try:
+        from autojudge.judge.cli import features, train
+        main.add_command(features)
+        main.add_command(train)
+    except ImportError:
+        pass
+    try:
+        from autojudge.eval.cli import eval_cmd
+        main.add_command(eval_cmd)
+    except ImportError:
+        pass
+
+
+_register()

@@ -1,0 +1,64 @@
+"""One model plus its static cache: the unit the engine drafts and verifies with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+
+import torch
+
+from autojudge.engine.config import ModelConfig
+from autojudge.engine.loading import Checkpoint, load_weights
+from autojudge.engine.model import Transformer
+from autojudge.errors import AutojudgeError
+
+
+def vocabulary_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+class Decoder:
+    def __init__(self, model: Transformer, name: str, vocab_hash: str, max_seq_len: int,
+                 checkpoint: Checkpoint | None = None):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.config: ModelConfig = model.config
+        self.name = name
+        self.vocab_hash = vocab_hash
+        model.setup_cache(max_seq_len)
+        self.max_seq_len = max_seq_len
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, tokenizer, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> Decoder:
+        model = load_weights(ckpt, ckpt.config, dtype, device)
+        return cls(model, ckpt.name, vocabulary_hash(tokenizer), max_seq_len, checkpoint=ckpt)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the architecture and vocabulary a judge was trained on (not the exact weights)."""
+        blob = json.dumps({"config": self.config.to_dict(), "vocab": self.vocab_hash}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, logits_from: int | None = 0):
+        """Runs tokens [T] (or [1, T]) at positions start.. ; returns (logits [T', V] fp32 | None, hidden [T, D])."""
+        tokens = tokens.reshape(1, -1)
+        end = start + tokens.shape[1]
+        if end > self.max_seq_len:
+            raise AutojudgeError(
+                f"sequence of {end} tokens does not fit the KV cache of {self.max_seq_len}; raise --max-seq-len"
+            )
+        logits, hidden = self.model(tokens, self.model.cache_positions[start:end], end, logits_from)
+        return (None if logits is None else logits[0]), hidden[0]
+
+    def teacher_forced(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh pass over a whole sequence from position 0: (logits [T, V] fp32, hidden [T, D] fp32)."""
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        logits, hidden = self.forward(tokens, 0)
+        return logits, hidden.float()

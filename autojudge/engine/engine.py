@@ -1,0 +1,308 @@
+"""The decoding engine: target-only and (lossless or judged) speculative decoding over static caches."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from autojudge.engine import loading
+from autojudge.engine.decoder import Decoder
+from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
+from autojudge.errors import AutojudgeError
+
+MODES = ("target", "speculative", "autojudge", "judge")
+MAX_WINDOW = 64
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    window: int
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    cycles: int = 0
+    accepted_per_cycle: float = 0.0  # draft tokens kept per cycle (the correction/bonus token not counted)
+    tokens_per_cycle: float = 0.0  # tokens emitted per cycle, correction/bonus included
+    histogram: dict[int, int] = field(default_factory=dict)  # accepted draft tokens -> cycles
+    judge_rescues: int = 0  # draft tokens kept only because the judge called the mismatch unimportant
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    tokens_per_second: float = 0.0
+    finish_reason: str = "length"
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: GenerationStats
+
+
+class Engine:
+    def __init__(self, target: Decoder, draft: Decoder | None, tokenizer, eos_token_ids, kernels: str = "auto"):
+        from autojudge.kernels import resolve_kernels
+
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.verify = resolve_kernels(kernels, target.device)
+        self.kernels = kernels
+        # Committed tokens live on the device so that drafting and verifying read views, never copies.
+        self._tokens = torch.zeros(target.max_seq_len, dtype=torch.long, device=target.device)
+
+    @classmethod
+    def from_pretrained(cls, target: str = "default", draft: str | None = "default", device: str = "cpu",
+                        dtype: str | torch.dtype | None = None, max_seq_len: int = 4096, kernels: str = "auto") -> Engine:
+        device = _parse_device(device)
+        dtype = _parse_dtype(dtype, device)
+        if max_seq_len < 2:
+            raise AutojudgeError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+        target_ckpt = loading.resolve(target, "target")
+        tokenizer = load_tokenizer(target_ckpt.directory)
+        target_dec = Decoder.load(target_ckpt, tokenizer, dtype, device, max_seq_len)
+        draft_dec = None
+        if draft is not None:
+            draft_ckpt = loading.resolve(draft, "draft")
+            draft_tok = load_tokenizer(draft_ckpt.directory)
+            check_compatible(tokenizer, draft_tok, target_ckpt.name, draft_ckpt.name)
+            draft_dec = Decoder.load(draft_ckpt, draft_tok, dtype, device, max_seq_len)
+        eos = target_ckpt.eos_token_ids() | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        return cls(target_dec, draft_dec, tokenizer, eos, kernels)
+
+    def encode_prompt(self, prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, self.target.config.vocab_size)
+
+    def generate(self, prompt, max_new_tokens: int = 256, mode: str = "speculative", window: int = 8,
+                 ignore_eos: bool = False, temperature: float = 0.0, seed: int | None = None,
+                 judge=None, threshold: float | None = None) -> GenerationOutput:
+        steps = list(self._decode(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
+                                  threshold))
+        prompt_ids, _, stats = steps[-1]
+        token_ids = [t for _, new, _ in steps for t in new]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return GenerationOutput(text=text, token_ids=token_ids, prompt_ids=prompt_ids, stats=stats)
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Yields text pieces as cycles finish; a piece is held back while it ends inside a UTF-8 character."""
+        token_ids: list[int] = []
+        sent = 0
+        for _, new, _ in self._decode(prompt, **_decode_kwargs(kwargs)):
+            token_ids.extend(new)
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if len(text) > sent:
+            yield text[sent:]
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode(self, prompt, max_new_tokens=256, mode="speculative", window=8, ignore_eos=False,
+                temperature=0.0, seed=None, judge=None, threshold=None):
+        """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle."""
+        if mode not in MODES:
+            raise AutojudgeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if max_new_tokens < 1:
+            raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise AutojudgeError(f"--temperature must be >= 0, got {temperature}")
+        if mode != "target":
+            if self.draft is None:
+                raise AutojudgeError(f"mode {mode!r} needs a draft model; pass --draft")
+            if not 1 <= window <= MAX_WINDOW:
+                raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+        if mode in ("autojudge", "judge"):
+            if judge is None:
+                raise AutojudgeError(f"mode {mode!r} needs a judge; pass --judge PATH or --judge default")
+            if temperature > 0:
+                raise AutojudgeError(f"mode {mode!r} decodes greedily; drop --temperature")
+        elif judge is not None:
+            raise AutojudgeError(f"a judge is used only in modes 'autojudge' and 'judge', not {mode!r}")
+        prompt_ids = self.encode_prompt(prompt)
+        limit = self.target.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise AutojudgeError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the KV cache of {limit} tokens; raise --max-seq-len"
+            )
+        stats = GenerationStats(mode=mode, window=window if mode != "target" else 0, prompt_tokens=len(prompt_ids))
+        sampler = _Sampler(temperature, seed, self.target.device)
+        start = time.perf_counter()
+        steps = (self._target_steps if mode == "target" else self._speculative_steps)(
+            prompt_ids, window, sampler, stats, judge, threshold
+        )
+        produced = 0
+        for new in steps:
+            new = new[: max_new_tokens - produced]
+            if not ignore_eos:
+                eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
+                if eos_at is not None:
+                    new = new[: eos_at + 1]
+                    stats.finish_reason = "eos"
+            produced += len(new)
+            stats.new_tokens = produced
+            stats.total_s = time.perf_counter() - start
+            stats.tokens_per_second = produced / stats.total_s if stats.total_s > 0 else 0.0
+            done = stats.finish_reason == "eos" or produced >= max_new_tokens
+            if not done and self._cache_full():
+                stats.finish_reason = "cache_full"
+                done = True
+            yield prompt_ids, new, stats
+            if done:
+                steps.close()
+                return
+
+    def _cache_full(self) -> bool:
+        return self._seq_len >= self.target.max_seq_len
+
+    def _prefill(self, prompt_ids: list[int], sampler, stats) -> int:
+        n = len(prompt_ids)
+        t0 = time.perf_counter()
+        self._tokens[:n] = torch.as_tensor(prompt_ids, dtype=torch.long)
+        logits, _ = self.target.forward(self._tokens[:n], 0, logits_from=-1)
+        self._tokens[n] = sampler.sample(logits[-1])
+        self._seq_len = n + 1
+        stats.prefill_s = time.perf_counter() - t0
+        return int(self._tokens[n])
+
+    def _target_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
+        yield [self._prefill(prompt_ids, sampler, stats)]
+        while True:
+            pos = self._seq_len - 1
+            logits, _ = self.target.forward(self._tokens[pos : pos + 1], pos)
+            self._tokens[pos + 1] = sampler.sample(logits[-1])
+            self._seq_len += 1
+            yield [int(self._tokens[pos + 1])]
+
+    def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
+        target, draft, tokens = self.target, self.draft, self._tokens
+        first = self._prefill(prompt_ids, sampler, stats)
+        t0 = time.perf_counter()
+        draft.forward(tokens[: len(prompt_ids)], 0, logits_from=None)
+        stats.prefill_s += time.perf_counter() - t0
+        yield [first]
+        draft_valid = len(prompt_ids)  # the draft's cache holds correct keys/values for [0, draft_valid)
+        common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
+        need_draft_hidden = judge is not None and judge.uses_draft
+        draft_hidden = torch.zeros(window, draft.config.hidden_size, dtype=torch.float32, device=draft.device)
+        draft_probs = (torch.zeros(window, target.config.vocab_size, device=target.device)
+                       if sampler.temperature > 0 else None)
+        judge_bias = 0.0 if judge is None else float(judge.bias)
+        histogram: Counter[int] = Counter()
+        while True:
+            seq_len = self._seq_len
+            k = min(window, target.max_seq_len - seq_len)
+            t0 = time.perf_counter()
+            # Draft k tokens into tokens[seq_len : seq_len + k]; with a draft-side judge, one more draft step
+            # yields the hidden state at the last drafted token (and saves that step next cycle if all pass).
+            draft_steps = k + 1 if need_draft_hidden else k
+            for i in range(draft_steps):
+                begin = draft_valid if i == 0 else seq_len + i - 1
+                logits, hidden = draft.forward(tokens[begin : seq_len + i], begin, logits_from=-1)
+                if i > 0 and need_draft_hidden:
+                    draft_hidden[i - 1] = hidden[-1]
+                if i < k:
+                    tokens[seq_len + i] = sampler.draft(logits[-1, :common_vocab], draft_probs, i)
+            draft_end = seq_len + draft_steps - 1  # the draft processed every token before this position
+            t1 = time.perf_counter()
+            logits, hidden = target.forward(tokens[seq_len - 1 : seq_len + k], seq_len - 1)
+            features = None
+            if judge is not None:
+                target_hidden = hidden[1:].float()[None]
+                features = (draft_hidden[:k][None], target_hidden) if need_draft_hidden else target_hidden
+            result = self.verify(
+                logits[None], tokens[seq_len : seq_len + k][None],
+                judge_features=features,
+                judge_weight=None if judge is None else judge.weight,
+                judge_bias=judge_bias,
+                threshold=0.5 if threshold is None else threshold,
+                temperature=sampler.temperature,
+                draft_probs=None if draft_probs is None else draft_probs[:k][None],
+                seed=sampler.seed, offset=stats.cycles,
+            )
+            # The cycle's one host sync: accepted count, next token and the drafted tokens, in one transfer.
+            host = torch.cat([result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]).tolist()
+            accepted, next_token, drafted = host[0], host[1], host[2:]
+            if judge is not None:
+                rescued = (result.judge_ok[0, :accepted] & ~result.std_ok[0, :accepted]).sum()
+                stats.judge_rescues += int(rescued)
+            tokens[seq_len + accepted] = next_token
+            self._seq_len = seq_len + accepted + 1
+            draft_valid = min(seq_len + accepted, draft_end)
+            stats.draft_s += t1 - t0
+            stats.verify_s += time.perf_counter() - t1
+            stats.cycles += 1
+            histogram[accepted] += 1
+            stats.histogram = dict(sorted(histogram.items()))
+            stats.accepted_per_cycle = sum(a * c for a, c in histogram.items()) / stats.cycles
+            stats.tokens_per_cycle = stats.accepted_per_cycle + 1
+            yield drafted[:accepted] + [next_token]
+
+
+class _Sampler:
+    """Greedy when temperature is 0; otherwise seeded sampling of draft tokens (the target side is in verify)."""
+
+    def __init__(self, temperature: float, seed: int | None, device: torch.device):
+        self.temperature = temperature
+        self.seed = seed if seed is not None else (int(torch.randint(0, 2**31 - 1, ())) if temperature > 0 else None)
+        self.generator = None
+        if temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax()
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+    def draft(self, logits: torch.Tensor, probs_out: torch.Tensor | None, i: int) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax()
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        probs_out[i].zero_()
+        probs_out[i, : probs.shape[0]] = probs
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+
+def _decode_kwargs(kwargs: dict) -> dict:
+    allowed = {"max_new_tokens", "mode", "window", "ignore_eos", "temperature", "seed", "judge", "threshold"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+    return kwargs
+
+
+def _parse_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise AutojudgeError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AutojudgeError("--device cuda asked but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise AutojudgeError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]

@@ -1,0 +1,156 @@
+"""Resolving a model source (checkpoint dir, local hub cache id, GGUF file, `default`) to weights + tokenizer.
+
+GGUF files are dequantized once through transformers and cached as a safetensors checkpoint keyed by the
+file's sha256: the first load takes minutes, every later one seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from autojudge.engine import default_pair
+from autojudge.engine.config import ModelConfig
+from autojudge.engine.model import Transformer
+from autojudge.errors import AutojudgeError
+from autojudge.fslock import locked
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face style directory: config.json, *.safetensors, tokenizer files."""
+
+    name: str
+    directory: Path
+
+    @property
+    def hf_config(self) -> dict:
+        return json.loads((self.directory / "config.json").read_text())
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config, source=str(self.directory))
+
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for file in ("config.json", "generation_config.json"):
+            path = self.directory / file
+            if path.exists():
+                eos = json.loads(path.read_text()).get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+
+def resolve(source: str, role: str) -> Checkpoint:
+    """`role` ("target" or "draft") picks the member of the default pair when source is "default"."""
+    if source == "default":
+        spec = default_pair.DEFAULT_TARGET if role == "target" else default_pair.DEFAULT_DRAFT
+        return _from_gguf(default_pair.assembled_gguf(spec), name=f"default-{role}", known_sha256=spec.sha256)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise AutojudgeError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
+        return Checkpoint(name=str(path), directory=path)
+    if path.is_file():
+        return _from_gguf(path, name=str(path))
+    if "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        return Checkpoint(name=source, directory=_from_hub_cache(source))
+    raise AutojudgeError(
+        f"model not found: {source!r} is not a checkpoint directory, a GGUF file, a model in the local "
+        f"Hugging Face cache, or 'default'"
+    )
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise AutojudgeError(
+            f"model not found: {repo_id!r} is not in the local Hugging Face cache and nothing is downloaded here; "
+            f"download it elsewhere and pass the checkpoint directory ({type(err).__name__})"
+        ) from None
+
+
+def _from_gguf(path: Path, name: str, known_sha256: str | None = None) -> Checkpoint:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise AutojudgeError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf file or a checkpoint directory")
+    digest = known_sha256 or default_pair.sha256_file(path)
+    out = default_pair.cache_root() / "converted" / digest[:32]
+    if not (out / "model.safetensors").exists():
+        # Two processes loading the same new GGUF (parallel mining shards, say) convert it once.
+        with locked(out):
+            if not (out / "model.safetensors").exists():
+                _convert_gguf(path, out)
+    return Checkpoint(name=name, directory=out)
+
+
+def _convert_gguf(path: Path, out: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            ModelConfig.from_hf(config.to_dict(), source=str(path))  # fail fast on an unknown architecture
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except AutojudgeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as err:  # transformers/gguf raise many types for damaged files
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AutojudgeError(
+            f"could not read GGUF file {path}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; "
+            f"the file is corrupt or truncated: fetch it again"
+        ) from None
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, tmp / "model.safetensors")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def load_weights(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    files = sorted(ckpt.directory.glob("*.safetensors"))
+    if not files:
+        raise AutojudgeError(f"{ckpt.directory} has no *.safetensors weights; save the model with safe_serialization")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict().keys()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise AutojudgeError(
+            f"{ckpt.name}: weights do not match the {config.architecture} architecture "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); is config.json from this checkpoint?"
+        )
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,145 @@
+"""Decoder-only transformer (Llama 3.x / Qwen2 / Qwen2.5) over a static, position-addressed KV cache.
+
+Keys and values are written at the positions given to `forward` and attention looks at cache slots by
+position, so rolling back rejected draft tokens is free: the next cycle overwrites those slots.
+Parameter names match Hugging Face checkpoints, so state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autojudge.engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly like transformers, so bf16 runs agree.
+        in_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(in_dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions, mask, kv_len: int):
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_all, v_all = self.kv_cache.update(positions, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=mask,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, mask, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_seq_len: int, batch: int = 1):
+        """Allocates the KV cache and the RoPE tables once; decoding never allocates them again."""
+        param = self.lm_head.weight
+        cfg = self.config
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, param.dtype, param.device)
+        inv_freq = cfg.rope_inv_freq().to(param.device)
+        freqs = torch.outer(torch.arange(max_seq_len, device=param.device, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos().to(param.dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(param.dtype), persistent=False)
+        self.register_buffer("cache_positions", torch.arange(max_seq_len, device=param.device), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, logits_from: int | None = 0):
+        """tokens [B, T] at cache `positions` [T]; attends to cache slots [0, kv_len).
+
+        Returns (logits [B, T', V] fp32 for the positions from index `logits_from` on, or None when it is None;
+        hidden [B, T, D]: the last layer's output after the final norm).
+        """
+        x = self.model.embed_tokens(tokens)
+        cos = self.rope_cos[positions][None, None]
+        sin = self.rope_sin[positions][None, None]
+        # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
+        mask = self.cache_positions[:kv_len][None, :] <= positions[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask, kv_len)
+        hidden = self.model.norm(x)
+        logits = None if logits_from is None else self.lm_head(hidden[:, logits_from:]).float()
+        return logits, hidden

@@ -1,0 +1,36 @@
+"""Click options shared by every command that builds an engine."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+
+
+def engine_options(fn):
+    @click.option("--target", default="default", show_default=True,
+                  help="Target model: 'default', a checkpoint directory, a local hub id or a .gguf file.")
+    @click.option("--draft", default="default", show_default=True,
+                  help="Draft model (same forms as --target); 'none' for target-only use.")
+    @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+    @click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")
+    @click.option("--max-seq-len", default=4096, show_default=True, type=int, help="KV cache size in tokens.")
+    @click.option("--kernels", type=click.Choice(["auto", "triton", "eager"]), default="auto", show_default=True,
+                  help="Verify step: fused Triton kernel or eager torch reference.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def engine_from_options(target, draft, device, dtype, max_seq_len, kernels):
+    from autojudge.engine.engine import Engine
+
+    # Library log noise would bury the one-line errors and the streamed text.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return Engine.from_pretrained(
+        target=target, draft=None if draft in (None, "none") else draft, device=device,
+        dtype=dtype, max_seq_len=max_seq_len, kernels=kernels,
+    )

@@ -1,0 +1,66 @@
+"""`autojudge eval`: accuracy and speed of each decoding mode (and judge threshold) on a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autojudge.engine.options import engine_from_options, engine_options
+
+
+def rows_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+@click.command("eval")
+@click.option("--dataset", default="gsm8k", show_default=True, help="gsm8k, humaneval or a PATH.jsonl (GSM8K rows).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N problems.")
+@click.option("--modes", default=None,
+              help="Comma-separated: target, speculative, autojudge, judge "
+                   "[default: target,speculative, plus autojudge with --judge].")
+@click.option("--thresholds", default=None,
+              help="Comma-separated judge thresholds in (0, 1] for modes autojudge/judge "
+                   "[default: the judge's stored recall-based thresholds].")
+@click.option("--judge", "judge_path", default=None, help="Judge file for modes autojudge/judge: PATH or 'default'.")
+@click.option("--window", default=8, show_default=True, type=int, help="Draft tokens per cycle.")
+@click.option("--max-new-tokens", default=512, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report (JSON).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw accuracy against accepted tokens per cycle and tokens/s (PNG).")
+@click.option("--resume", is_flag=True, help="Keep the rows already in OUT.partial.jsonl and do only the rest.")
+@engine_options
+def eval_cmd(dataset, split, limit, modes, thresholds, judge_path, window, max_new_tokens, out, plot, resume,
+             **engine_kw):
+    """Evaluate decoding modes on a dataset; rows go to OUT.partial.jsonl as they finish, the report to OUT."""
+    from autojudge.errors import AutojudgeError
+    from autojudge.eval import runner
+    from autojudge.eval.report import build_report, markdown_table, plot_pareto, write_report
+    from autojudge.mining.datasets import load_dataset
+
+    mode_list = runner.parse_modes(modes or ("target,speculative,autojudge" if judge_path else "target,speculative"))
+    taus = runner.parse_thresholds(thresholds)
+    runner.validate(mode_list, taus, judge_path is not None, window, max_new_tokens)
+    if limit is not None and limit < 1:
+        raise AutojudgeError(f"--limit must be at least 1, got {limit}")
+    problems = load_dataset(dataset, split)[:limit]
+    if mode_list == ["target"]:
+        engine_kw["draft"] = None
+    config = {"dataset": dataset, "split": split, "limit": limit, "n_problems": len(problems), "modes": mode_list,
+              "thresholds": taus, "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
+              **engine_kw, "rows": str(rows_path(out))}
+
+    engine = engine_from_options(**engine_kw)
+    judge = runner.load_eval_judge(judge_path, engine, mode_list) if judge_path else None
+    runs = runner.plan_runs(mode_list, taus, judge)
+    log = runner.RowLog(rows_path(out), config, resume)
+    rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens, judge=judge)
+
+    report = build_report(rows, config)
+    write_report(report, out)
+    click.echo(markdown_table(report["results"]))
+    click.echo(f"wrote {out}", err=True)
+    if plot:
+        plot_pareto(report["results"], plot)
+        click.echo(f"wrote {plot}", err=True)

@@ -1,0 +1,104 @@
+"""Eval rows -> per-(mode, threshold) results, a Markdown table and an accuracy/speed Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from autojudge.errors import AutojudgeError
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One result per (mode, threshold), in order of first appearance.
+
+    Rates are ratios of sums over the rows (accepted / cycles, tokens / seconds), so long answers weigh more.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["threshold"]), []).append(row)
+    results = []
+    for (mode, threshold), group in groups.items():
+        n = len(group)
+        correct = sum(bool(r["correct"]) for r in group)
+        cycles = sum(r["cycles"] for r in group)
+        accepted = sum(r["accepted"] for r in group)
+        rescues = sum(r["judge_rescues"] for r in group)
+        new_tokens = sum(r["new_tokens"] for r in group)
+        decode_s = sum(r["decode_s"] for r in group)
+        results.append({
+            "mode": mode, "threshold": threshold, "recall": group[0].get("recall"), "n": n,
+            "correct": correct, "accuracy": correct / n,
+            "cycles": cycles, "accepted": accepted, "accepted_per_cycle": _ratio(accepted, cycles),
+            "tokens_per_second": _ratio(new_tokens, decode_s),
+            "judge_rescues": rescues, "judge_rescues_per_cycle": _ratio(rescues, cycles),
+            "new_tokens": new_tokens, "mean_new_tokens": new_tokens / n,
+            "decode_s": decode_s, "wall_s": sum(r["wall_s"] for r in group),
+        })
+    return results
+
+
+def build_report(rows: list[dict], config: dict) -> dict:
+    return {"results": aggregate(rows), "config": config}
+
+
+def write_report(report: dict, path: Path) -> None:
+    # Written whole then renamed: a reader never sees half a report.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _label(result: dict) -> str:
+    if result["threshold"] is None:
+        return result["mode"]
+    return f"{result['mode']} {result['threshold']:.3g}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    header = ("| mode | threshold | recall | n | accuracy | accepted/cycle | tokens/s | rescues/cycle "
+              "| mean new tokens | wall s |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {_fmt(r['threshold'], '.4g')} | {_fmt(r['recall'], 'g')} | {r['n']} "
+            f"| {r['accuracy']:.3f} | {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['tokens_per_second'], '.1f')} "
+            f"| {_fmt(r['judge_rescues_per_cycle'], '.3f')} | {r['mean_new_tokens']:.1f} | {r['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_pareto(results: list[dict], path: Path) -> None:
+    """Accuracy against accepted tokens per cycle (left) and tokens/s (right); one line per mode."""
+    try:
+        from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
+    except ImportError as err:
+        raise AutojudgeError("--plot needs matplotlib; pip install matplotlib (or autojudge[plot])") from err
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, xlabel in ((axes[0], "accepted_per_cycle", "accepted draft tokens per cycle"),
+                            (axes[1], "tokens_per_second", "tokens / s")):
+        for i, mode in enumerate(dict.fromkeys(r["mode"] for r in results)):
+            points = sorted((r[key], r["accuracy"], _label(r)) for r in results
+                            if r["mode"] == mode and r[key] is not None)
+            if not points:
+                # Target-only decoding has no cycles: its accuracy is the lossless reference line.
+                ref = next(r for r in results if r["mode"] == mode)
+                ax.axhline(ref["accuracy"], linestyle="--", color=f"C{i}", label=f"{mode} (reference)")
+                continue
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=mode)
+            for x, y, label in points:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,84 @@
+"""`autojudge features` and `autojudge train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.judge.features import SETUPS, feature_set
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _source_options(fn):
+    fn = click.option("--setup", type=click.Choice(SETUPS), default=None,
+                      help="Features: DD-DT (draft+target hidden; default for --labels) or DT (target only; "
+                           "default and only choice for --annotations).")(fn)
+    fn = click.option("--annotations", type=_FILE, default=None,
+                      help="Judge Decoding JSONL: {prompt, response, first_error}.")(fn)
+    fn = click.option("--labels", type=_FILE, default=None, help="Label rows from `autojudge mine` (JSONL).")(fn)
+    return fn
+
+
+@click.command()
+@_source_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Feature file (.safetensors); default: next to the input, named by its cache key.")
+@engine_options
+def features(labels, annotations, setup, out, **engine_kw):
+    """Compute (or reuse cached) judge features for mined labels or annotated responses."""
+    eng = engine_from_options(**engine_kw)
+    fs, path, reused = feature_set(eng, labels=labels, annotations=annotations, setup=setup, cache=out)
+    state = "up to date" if reused else "written"
+    click.echo(f"{path}: {state} ({fs.features.shape[0]} rows x {fs.features.shape[1]} features, "
+               f"{int(fs.important.sum())} important, setup {fs.meta['setup']})")
+
+
+@click.command()
+@_source_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Judge stem: writes STEM.safetensors and STEM.json.")
+@click.option("--features", "features_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Feature cache file to reuse or write (default as in `autojudge features`).")
+@click.option("--export", type=click.Choice(["vllm"]), default=None,
+              help="Also write STEM.vllm.pkl for the AutoJudge authors' vLLM integration (needs --setup DT).")
+@click.option("--val-fraction", default=0.2, show_default=True, help="Share of problems held out to pick C.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the problem-grouped validation split.")
+@engine_options
+def train(labels, annotations, setup, out, features_path, export, val_fraction, seed, **engine_kw):
+    """Train a logistic-regression judge head and write the judge file."""
+    from autojudge.errors import AutojudgeError
+    from autojudge.judge.judge_file import export_vllm, save_judge
+    from autojudge.judge.train import train_judge
+
+    if export == "vllm" and (setup or ("DD-DT" if labels else "DT")) != "DT":
+        raise AutojudgeError("--export vllm needs target-only features; add --setup DT")
+    eng = engine_from_options(**engine_kw)
+    fs, path, reused = feature_set(eng, labels=labels, annotations=annotations, setup=setup, cache=features_path)
+    click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {fs.features.shape[0]} rows)", err=True)
+    result = train_judge(fs.features, fs.important, fs.groups, val_fraction=val_fraction, seed=seed)
+    written = list(save_judge(out, result, fs.meta))
+    if export == "vllm":
+        written.append(export_vllm(out.with_name(out.name + ".vllm.pkl"), result, fs.meta["setup"]))
+    _print_report(result)
+    for p in written:
+        click.echo(f"wrote {p}")
+
+
+def _print_report(result) -> None:
+    r = result.report
+    click.echo(
+        f"rows {r['rows']} ({r['important']} important, rate {r['positive_rate']:.3f}) from {r['groups']} problems; "
+        f"validation {r['val_rows']} rows / {r['val_groups']} problems"
+    )
+    click.echo(f"best C {result.best_c:.3g}: validation ROC-AUC {r['val_auc']:.4f}")
+    click.echo(f"{'threshold':>22} {'tau':>8} {'precision':>9} {'recall':>7} {'accept':>7}")
+    for kind, table in r["val_at_thresholds"].items():
+        for level, s in table.items():
+            click.echo(f"{kind + ' ' + level:>22} {s['threshold']:8.4f} {s['precision']:9.3f} "
+                       f"{s['recall']:7.3f} {s['accept_rate']:7.3f}")
+    d = result.default_threshold
+    click.echo(f"default threshold {d['value']:.4f} (recall {d['recall']} of important tokens on validation); "
+               "the decoder accepts a mismatch when p_important < threshold")

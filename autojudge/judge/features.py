@@ -1,0 +1,245 @@
+"""Judge features from mined labels (AutoJudge) or annotated responses (Judge Decoding), with a cache.
+
+A feature is the fp32 last-layer hidden state (after the final norm) at the position whose input is
+the token being judged, computed by the engine's own decoders: DT = target only, DD-DT =
+concat(draft, target), draft first. Labels are stored as `important` (see judge_file for the score
+convention); for annotations a token is important when it is at or after the first error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from autojudge.errors import AutojudgeError
+from autojudge.progress import progress
+
+SETUPS = ("DD-DT", "DT")
+BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
+CACHE_VERSION = 1
+LABEL_KEYS = ("problem_id", "prompt_ids", "prefix_ids", "draft_token", "important")
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # [N, D] fp32
+    important: torch.Tensor  # [N] bool
+    groups: list[str]  # per row; validation splits never separate a group
+    meta: dict  # key, kind, setup, hidden_sizes, fingerprints, models, source, source_sha256
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise AutojudgeError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def read_label_rows(path: Path) -> list[dict]:
+    """Mismatch rows of an `autojudge mine` file; per-problem records are skipped."""
+    rows = []
+    for lineno, row in read_jsonl(path):
+        if row.get("kind") == "problem":
+            continue
+        missing = [k for k in LABEL_KEYS if k not in row]
+        if missing:
+            raise AutojudgeError(
+                f"{path}:{lineno}: label row lacks {', '.join(missing)}; expected rows written by `autojudge mine`"
+            )
+        rows.append(row)
+    if not rows:
+        raise AutojudgeError(f"{path} holds no labelled mismatches; run `autojudge mine` on more problems")
+    return rows
+
+
+def good_tokens(offsets: list[tuple[int, int]], first_error: int | None) -> list[bool]:
+    """A response token is good iff it ends at or before the first error, so the token containing it is bad."""
+    if first_error is None:
+        return [True] * len(offsets)
+    return [end <= first_error for _, end in offsets]
+
+
+def _hidden(dec, ids: list[int]) -> torch.Tensor:
+    """Hidden states [T, D] fp32 of one fresh pass; teacher_forced without the [T, vocab] logits."""
+    tokens = torch.as_tensor(ids, dtype=torch.long, device=dec.device)
+    if int(tokens.min()) < 0 or int(tokens.max()) >= dec.config.vocab_size:
+        raise AutojudgeError(
+            f"token ids outside [0, {dec.config.vocab_size}) for {dec.name}; the file was made with other models"
+        )
+    return dec.forward(tokens, 0, logits_from=None)[1].float()
+
+
+def _shared_passes(prompts: list[tuple], seqs: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """Fewest passes covering every sequence, and per row the pass holding it as a prefix.
+
+    With causal attention the hidden state at position t depends on tokens 0..t only, so a row whose
+    sequence starts a longer one (a prefix kept after an unimportant mismatch) reuses that pass.
+    """
+    passes: list[tuple] = []
+    by_prompt: dict[tuple, list[int]] = defaultdict(list)
+    owner = [0] * len(seqs)
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        s = seqs[i]
+        bucket = by_prompt[prompts[i]]
+        hit = next((p for p in bucket if passes[p][: len(s)] == s), None)
+        if hit is None:
+            hit = len(passes)
+            passes.append(s)
+            bucket.append(hit)
+        owner[i] = hit
+    return passes, owner
+
+
+def label_features(eng, rows: list[dict], setup: str) -> torch.Tensor:
+    """[N, D] features at the draft token of each row: sequence = prompt + prefix + [draft_token]."""
+    decs = _decoders(eng, setup)
+    prompts = [tuple(r["prompt_ids"]) for r in rows]
+    seqs = [p + tuple(r["prefix_ids"]) + (r["draft_token"],) for p, r in zip(prompts, rows)]
+    passes, owner = _shared_passes(prompts, seqs)
+    rows_of = defaultdict(list)
+    for i, p in enumerate(owner):
+        rows_of[p].append(i)
+    out = torch.empty(len(rows), sum(d.config.hidden_size for d in decs), dtype=torch.float32)
+    for p in progress(iterable=range(len(passes)), desc="features", unit="seq"):
+        idx = rows_of[p]
+        pos = torch.tensor([len(seqs[i]) - 1 for i in idx])
+        hidden = torch.cat([_hidden(d, list(passes[p])).cpu() for d in decs], dim=-1)
+        out[idx] = hidden[pos]
+    return out
+
+
+def annotation_features(eng, path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Target hidden state at every response token (input = that token), important = at/after first error."""
+    feats, important, groups = [], [], []
+    annotations = read_jsonl(path)
+    for n, (lineno, ann) in enumerate(progress(iterable=annotations, desc="features", unit="response")):
+        if not isinstance(ann.get("response"), str) or "prompt" not in ann:
+            raise AutojudgeError(f"{path}:{lineno}: an annotation needs 'prompt', 'response' and 'first_error'")
+        response, first_error = ann["response"], ann.get("first_error")
+        if first_error is not None and not (isinstance(first_error, int) and 0 <= first_error <= len(response)):
+            raise AutojudgeError(
+                f"{path}:{lineno}: first_error must be null or a character offset in [0, {len(response)}], "
+                f"got {first_error!r}"
+            )
+        try:
+            enc = eng.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise AutojudgeError("Judge Decoding annotations need a fast tokenizer (token offsets)") from None
+        if not enc["input_ids"]:
+            continue
+        prompt_ids = eng.encode_prompt(ann["prompt"])
+        hidden = _hidden(eng.target, prompt_ids + enc["input_ids"])[len(prompt_ids):].cpu()
+        feats.append(hidden)
+        important.append(~torch.tensor(good_tokens(enc["offset_mapping"], first_error)))
+        group = ann.get("problem_id", ann.get("id", f"annotation-{n}"))
+        groups.extend([str(group)] * hidden.shape[0])
+    if not feats:
+        raise AutojudgeError(f"{path} holds no non-empty annotated responses")
+    return torch.cat(feats), torch.cat(important), groups
+
+
+def _decoders(eng, setup: str) -> list:
+    if setup not in BLOCKS:
+        raise AutojudgeError(f"unknown feature setup {setup!r}; choose one of {', '.join(SETUPS)}")
+    if "draft" in BLOCKS[setup] and eng.draft is None:
+        raise AutojudgeError(f"setup {setup} needs the draft model's hidden states; pass --draft or use --setup DT")
+    return [eng.draft if b == "draft" else eng.target for b in BLOCKS[setup]]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(eng, source: Path, kind: str, setup: str) -> dict:
+    """Everything the features depend on; `key` hashes it so a stale cache is never reused."""
+    decs = dict(zip(BLOCKS[setup], _decoders(eng, setup)))
+    meta = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "setup": setup,
+        "source_sha256": file_sha256(source),
+        "hidden_sizes": {b: d.config.hidden_size for b, d in decs.items()},
+        "fingerprints": {b: d.fingerprint for b, d in decs.items()},
+    }
+    meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    meta["models"] = {b: d.name for b, d in decs.items()}
+    meta["source"] = str(source)
+    return meta
+
+
+def default_cache_path(source: Path, meta: dict) -> Path:
+    return source.with_name(f"{source.name}.{meta['setup']}.{meta['key'][:12]}.features.safetensors")
+
+
+def save_features(path: Path, fs: FeatureSet) -> None:
+    names = sorted(set(fs.groups))
+    index = {g: i for i, g in enumerate(names)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "features": fs.features.contiguous(),
+            "important": fs.important.to(torch.uint8),
+            "group": torch.tensor([index[g] for g in fs.groups], dtype=torch.int64),
+        },
+        str(path),
+        metadata={"autojudge_features": json.dumps(fs.meta), "groups": json.dumps(names)},
+    )
+
+
+def load_features(path: Path) -> FeatureSet:
+    with safe_open(str(path), framework="pt") as f:
+        info = f.metadata() or {}
+        if "autojudge_features" not in info:
+            raise AutojudgeError(f"{path} is not an autojudge feature file; make one with `autojudge features`")
+        names = json.loads(info["groups"])
+        return FeatureSet(
+            features=f.get_tensor("features"),
+            important=f.get_tensor("important").bool(),
+            groups=[names[i] for i in f.get_tensor("group").tolist()],
+            meta=json.loads(info["autojudge_features"]),
+        )
+
+
+def feature_set(eng, labels: Path | None = None, annotations: Path | None = None, setup: str | None = None,
+                cache: Path | None = None) -> tuple[FeatureSet, Path, bool]:
+    """(features, cache path, whether the cache was reused) for exactly one of labels / annotations."""
+    if (labels is None) == (annotations is None):
+        raise AutojudgeError("give exactly one of --labels (AutoJudge) or --annotations (Judge Decoding)")
+    source = Path(labels or annotations)
+    kind = "autojudge" if labels is not None else "judge-decoding"
+    setup = setup or ("DD-DT" if kind == "autojudge" else "DT")
+    if kind == "judge-decoding" and setup != "DT":
+        raise AutojudgeError("Judge Decoding features are the target's hidden states only; use --setup DT")
+    meta = describe(eng, source, kind, setup)
+    path = Path(cache) if cache is not None else default_cache_path(source, meta)
+    if path.is_file():
+        cached = load_features(path)
+        if cached.meta.get("key") == meta["key"]:
+            return cached, path, True
+    if kind == "autojudge":
+        rows = read_label_rows(source)
+        feats = label_features(eng, rows, setup)
+        important = torch.tensor([bool(r["important"]) for r in rows])
+        groups = [str(r["problem_id"]) for r in rows]
+    else:
+        feats, important, groups = annotation_features(eng, source)
+    fs = FeatureSet(feats, important, groups, meta)
+    save_features(path, fs)
+    return fs, path, False

@@ -1,0 +1,196 @@
+"""Judge files: `<stem>.safetensors` (folded `weight` [D] fp32, `bias` [1] fp32) + `<stem>.json` metadata.
+
+Score convention (both kinds): p_important = sigmoid(features @ weight + bias), and the decoder
+accepts a draft token that differs from the target's when p_important < threshold. Features are
+fp32 last-layer hidden states (after the final norm) at the position whose input is the draft
+token: DT = target hidden; DD-DT = concat(draft hidden, target hidden), draft first.
+Judge Decoding heads are stored the same way: "important" there means "at or after the first error".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from autojudge.errors import AutojudgeError
+from autojudge.judge.train import TrainResult
+
+FORMAT = "autojudge-judge"
+VERSION = 1
+SETUP_BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
+
+
+def judge_paths(path: str | Path) -> tuple[Path, Path]:
+    """(.safetensors, .json) for a path given as either file or the common stem."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_judge(stem: str | Path, result: TrainResult, feature_meta: dict) -> tuple[Path, Path]:
+    """Write the judge pair; feature_meta: kind, setup, hidden_sizes, fingerprints, models."""
+    st_path, json_path = judge_paths(stem)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    weight, bias = result.head.folded()
+    save_file(
+        {"weight": weight.to(torch.float32).contiguous(), "bias": torch.tensor([bias], dtype=torch.float32)},
+        str(st_path),
+    )
+    setup = feature_meta["setup"]
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": feature_meta["kind"],
+        "setup": setup,
+        "feature_blocks": list(SETUP_BLOCKS[setup]),
+        "hidden_sizes": feature_meta["hidden_sizes"],
+        "fingerprints": feature_meta["fingerprints"],
+        "models": feature_meta["models"],
+        "score": "p_important = sigmoid(features @ weight + bias); accept a mismatch when p_important < threshold",
+        "thresholds": result.thresholds,
+        "default_threshold": result.default_threshold,
+        "report": result.report,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return st_path, json_path
+
+
+def export_vllm(path: str | Path, result: TrainResult, setup: str) -> Path:
+    """Pickle {mean, scale, weights, bias, thr, thresholds} as the AutoJudge authors' vLLM fork loads it.
+
+    Their `JudgeConfig(weights=, mean=, scale=, bias=, threshold=)` is filled from `pickle.load` of
+    this dict (garipovroma/autojudge, src/train_head_*.py `--convert_to_vllm`, eval/vllm_gsm8k.py),
+    with numpy arrays as scikit-learn produces them and target-only (DT) features.
+    """
+    if setup != "DT":
+        raise AutojudgeError(
+            f"the AutoJudge vLLM integration reads target-only features, but this judge uses {setup}; "
+            "retrain with `autojudge train --setup DT ... --export vllm`"
+        )
+    head = result.head
+    data = {
+        "mean": head.scaler.mean.numpy().copy(),
+        "scale": head.scaler.scale.numpy().copy(),
+        "weights": head.weight.numpy().copy(),
+        "bias": torch.tensor([head.bias], dtype=torch.float64).numpy(),
+        "thr": result.default_threshold["value"],
+        "thresholds": sorted(result.thresholds["quantile"].values()),
+    }
+    out = Path(path)
+    with out.open("wb") as f:
+        pickle.dump(data, f)
+    return out
+
+
+@dataclass
+class Judge:
+    weight: torch.Tensor  # [D] fp32, folded, on the target's device
+    bias: torch.Tensor  # [1] fp32, on the CPU so float(bias) never waits on the GPU
+    setup: str
+    thresholds: dict
+    meta: dict
+
+    @property
+    def uses_draft(self) -> bool:
+        return "draft" in SETUP_BLOCKS[self.setup]
+
+    def p_important(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(features.to(torch.float32) @ self.weight + float(self.bias))
+
+    def threshold_for(self, recall: float | None = None, threshold: float | None = None) -> float:
+        """An explicit threshold, the one reaching `recall` of important tokens, or the file's default."""
+        if recall is not None and threshold is not None:
+            raise AutojudgeError("give a judge recall level or a threshold, not both")
+        if threshold is not None:
+            if not 0.0 <= threshold <= 1.0:
+                raise AutojudgeError(f"judge threshold must be in [0, 1], got {threshold}")
+            return float(threshold)
+        if recall is None:
+            return float(self.meta["default_threshold"]["value"])
+        for key, tau in self.thresholds["recall"].items():
+            if math.isclose(float(key), recall):
+                return float(tau)
+        raise AutojudgeError(
+            f"this judge has thresholds for recall {', '.join(self.thresholds['recall'])}, not {recall}; "
+            "pick one of those or pass an explicit threshold"
+        )
+
+
+def _short(fp: str | None) -> str:
+    return fp[:12] if fp else "none"
+
+
+def _check_model(meta: dict, block: str, dec, path: Path) -> None:
+    want_fp = meta["fingerprints"].get(block)
+    want_size = meta["hidden_sizes"][block]
+    if dec is None:
+        raise AutojudgeError(
+            f"judge {path.name} ({meta['setup']}) needs a {block} model ({meta['models'].get(block)}, "
+            f"fingerprint {_short(want_fp)}), but none is loaded; load it or retrain with "
+            "`autojudge train --setup DT` for these models"
+        )
+    if dec.fingerprint != want_fp or dec.config.hidden_size != want_size:
+        raise AutojudgeError(
+            f"judge {path.name} was trained for {block} {meta['models'].get(block)} "
+            f"(fingerprint {_short(want_fp)}, hidden {want_size}) but the loaded {block} is {dec.name} "
+            f"(fingerprint {_short(dec.fingerprint)}, hidden {dec.config.hidden_size}); "
+            "retrain with `autojudge train` for these models"
+        )
+
+
+def load_judge(path: str | Path, target, draft=None) -> Judge:
+    """Load a judge and refuse it unless it was trained for these target (and, for DD-DT, draft) models."""
+    st_path, json_path = judge_paths(path)
+    for p in (st_path, json_path):
+        if not p.is_file():
+            raise AutojudgeError(f"judge file {p} not found; a judge is a .safetensors + .json pair")
+    meta = json.loads(json_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise AutojudgeError(
+            f"{json_path} is not a version-{VERSION} autojudge judge file; retrain with `autojudge train`"
+        )
+    setup = meta["setup"]
+    for block in SETUP_BLOCKS[setup]:
+        _check_model(meta, block, target if block == "target" else draft, json_path)
+    # On the target's device: the verify step reads the weight there every cycle.
+    tensors = load_file(str(st_path), device=str(target.device))
+    weight, bias = tensors["weight"].to(torch.float32), tensors["bias"].to(torch.float32).cpu()
+    expected = sum(meta["hidden_sizes"][b] for b in SETUP_BLOCKS[setup])
+    if weight.shape != (expected,) or bias.shape != (1,):
+        raise AutojudgeError(
+            f"{st_path} holds weight {tuple(weight.shape)} / bias {tuple(bias.shape)} but its metadata "
+            f"expects ({expected},) / (1,); the pair is inconsistent, retrain with `autojudge train`"
+        )
+    return Judge(weight, bias, setup, meta["thresholds"], meta)
+
+
+SHIPPED_JUDGES = "judges"
+KIND_FOR_MODE = {"autojudge": "autojudge", "judge": "judge-decoding"}
+
+
+def load_judge_for_engine(path: str | Path, engine, mode: str | None = None) -> Judge:
+    """`path` or 'default' (the judge shipped in the package for the default pair), checked against the
+    engine's models and, when `mode` is given, against the kind of head that mode decodes with."""
+    if str(path) == "default":
+        shipped = resources.files("autojudge") / SHIPPED_JUDGES / "default.json"
+        if not shipped.is_file():
+            raise AutojudgeError("no default judge is shipped in this version; train one with `autojudge train` "
+                                 "and pass --judge PATH")
+        path = Path(str(shipped))
+    judge = load_judge(path, target=engine.target, draft=engine.draft)
+    want = KIND_FOR_MODE.get(mode)
+    if want is not None and judge.meta["kind"] != want:
+        raise AutojudgeError(
+            f"judge {path} is a {judge.meta['kind']} head but mode {mode!r} needs a {want} head; "
+            f"use mode {next(m for m, k in KIND_FOR_MODE.items() if k == judge.meta['kind'])!r} or another judge"
+        )
+    return judge

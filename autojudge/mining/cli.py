@@ -1,0 +1,98 @@
+"""`autojudge mine`: label draft/target mismatches as important or not, without humans."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.errors import AutojudgeError
+from autojudge.mining.checkers import Checker, gsm8k_checker, humaneval_checker, load_checker
+from autojudge.mining.datasets import Problem, load_dataset
+from autojudge.mining.miner import Miner, MiningOptions
+from autojudge.mining.prompts import build_messages
+from autojudge.mining.store import LabelStore
+from autojudge.progress import progress
+
+_CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise AutojudgeError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(match[1]), int(match[2])
+
+
+def select_problems(problems: list[Problem], limit: int | None, shard: tuple[int, int]) -> list[Problem]:
+    """The first `limit` problems, then every n-th from i: shards of one --limit cover it exactly."""
+    i, n = shard
+    return [p for index, p in enumerate(problems[:limit]) if index % n == i]
+
+
+def run_mining(engine, problems: list[Problem], checker: Checker, store: LabelStore,
+               options: MiningOptions, template: str | None) -> dict:
+    miner = Miner(engine, checker, options)
+    todo = [p for p in problems if p.problem_id not in store.done]
+    totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "target_forwards": 0}
+    with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar:
+        for problem in todo:
+            result = miner.mine(problem, engine.encode_prompt(build_messages(problem, template)))
+            store.add_problem(result.labels, result.record)
+            totals["problems"] += 1
+            totals["labels"] += len(result.labels)
+            totals["important"] += result.record["n_important"]
+            totals["correct"] += result.record["correct"]
+            totals["target_forwards"] += result.cost.target_forwards
+            bar.set_postfix(labels=totals["labels"], refresh=False,
+                            important=f"{totals['important'] / max(totals['labels'], 1):.2f}")
+            bar.update(1)
+    return totals
+
+
+@click.command("mine")
+@engine_options
+@click.option("--dataset", default="gsm8k", show_default=True,
+              help="gsm8k, humaneval, or a PATH.jsonl with 'question' and 'answer' ('... #### N') per line.")
+@click.option("--split", type=click.Choice(["train", "test"]), default=None,
+              help="Dataset split [default: train for gsm8k, test for humaneval].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Mine only the first N problems.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --out file, skipping finished problems.")
+@click.option("--shard", default="0/1", show_default=True, help="I/N: mine problems whose index % N == I.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of every answer, continuations included.")
+@click.option("--window", default=8, show_default=True, type=int, help="Draft tokens per speculative cycle.")
+@click.option("--prompt-template", default=None,
+              help="Chat prompt with '{question}' where the problem goes [default: per task].")
+@click.option("--speculative/--no-speculative", default=True, show_default=True,
+              help="Generate continuations by lossless speculative decoding.")
+@click.option("--reuse-continuation/--no-reuse-continuation", default=True, show_default=True,
+              help="Try the previous continuation as a free draft after each swap.")
+@click.option("--checker", "checker_spec", default=None, hidden=True,
+              help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
+def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
+         speculative, reuse_continuation, checker_spec, **engine_kwargs):
+    """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
+    shard = parse_shard(shard)
+    split = split or ("test" if dataset == "humaneval" else "train")
+    problems = select_problems(load_dataset(dataset, split), limit, shard)
+    if engine_kwargs.get("draft") in (None, "none"):
+        raise AutojudgeError("mining compares a draft with the target; pass --draft")
+    task = "humaneval" if dataset == "humaneval" else "gsm8k"
+    checker = load_checker(checker_spec) if checker_spec else _CHECKERS[task]
+    engine = engine_from_options(**engine_kwargs)
+    meta = {
+        "target": engine.target.name, "target_fingerprint": engine.target.fingerprint,
+        "draft": engine.draft.name, "draft_fingerprint": engine.draft.fingerprint,
+        "dataset": dataset, "split": split, "max_new_tokens": max_new_tokens,
+        "prompt_template": prompt_template, "checker": checker_spec or task,
+    }
+    options = MiningOptions(max_new_tokens=max_new_tokens, window=window, speculative=speculative,
+                            reuse_continuation=reuse_continuation)
+    with LabelStore(out, meta, resume) as store:
+        totals = run_mining(engine, problems, checker, store, options, prompt_template)
+    ratio = totals["important"] / max(totals["labels"], 1)
+    click.echo(f"mined {totals['problems']} problems: {totals['labels']} labels, {ratio:.1%} important, "
+               f"target correct on {totals['correct']}, {totals['target_forwards']} target forwards -> {out}")

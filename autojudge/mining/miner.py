@@ -1,0 +1,191 @@
+"""Greedy AutoJudge mining: which draft/target mismatches change the target's final answer.
+
+For a problem, the target answers greedily; then, left to right, the first position where the draft's
+greedy prediction differs from the current sequence is swapped to the draft token and the target
+continues greedily from there. If the checker's outcome is unchanged the mismatch is unimportant and the
+swapped sequence becomes the current one; otherwise it is important and the sequence is kept.
+
+Continuations dominate the cost. Two exact tricks, both switchable: lossless speculative decoding, and
+the previous continuation as a free draft (after a swap the old text often still fits, at once or after
+a few tokens), verified with one teacher-forced target pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from autojudge.mining.checkers import Checker
+from autojudge.mining.datasets import Problem
+
+# A previous continuation is proposed again when its n-gram matches the end of the new text.
+_NGRAMS = (4, 3, 2)
+# Tokens generated between two attempts to rejoin the previous continuation.
+_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class MiningOptions:
+    max_new_tokens: int = 256
+    window: int = 8
+    speculative: bool = True  # continuations by lossless speculative decoding
+    reuse_continuation: bool = True  # the previous continuation as a free draft
+
+
+@dataclass
+class Cost:
+    """What one problem cost; forwards are model calls, positions the tokens they processed."""
+
+    target_forwards: int = 0
+    target_positions: int = 0
+    draft_forwards: int = 0
+    draft_positions: int = 0
+    generated_tokens: int = 0  # continuation tokens that came from the engine
+    reused_tokens: int = 0  # continuation tokens confirmed from the previous continuation
+    verify_passes: int = 0  # teacher-forced target passes that checked a previous continuation
+    continuation_s: float = 0.0
+    checker_s: float = 0.0
+
+
+@dataclass
+class ProblemResult:
+    labels: list[dict]
+    record: dict
+    cost: Cost = field(default_factory=Cost)
+
+
+class Miner:
+    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions()):
+        self.engine = engine
+        self.checker = checker
+        self.options = options
+        self.common_vocab = min(engine.target.config.vocab_size, engine.draft.config.vocab_size)
+        self.max_seq_len = engine.target.max_seq_len
+
+    # ------------------------------------------------------------------ continuations
+
+    def continuation(self, prefix: list[int], budget: int, hint: list[int], cost: Cost) -> list[int]:
+        """The target's greedy continuation of `prefix` (at most `budget` tokens, up to EOS).
+
+        `hint` is a guess at it (the continuation before the last swap); when reuse is on, its
+        pieces are proposed wherever they line up with the text so far.
+        """
+        t0 = time.perf_counter()
+        hint = hint if self.options.reuse_continuation else []
+        out: list[int] = []
+        cursor, propose = 0, bool(hint)
+        while not self._finished(prefix, out, budget):
+            start = (0 if not out else self._rejoin(hint, prefix + out, cursor)) if propose else None
+            if start is not None:
+                accepted, new = self._verify(prefix + out, hint[start:budget - len(out) + start], cost)
+                cursor = start + accepted
+                # A miss at once means the texts parted again: generate a while before looking again.
+                propose = accepted > 0
+            else:
+                chunk = budget - len(out) if not hint else min(_CHUNK, budget - len(out))
+                new = self._generate(prefix + out, chunk, cost)
+                propose = bool(hint)
+                if not new:
+                    break
+            out.extend(self._clip(new, budget - len(out)))
+        cost.continuation_s += time.perf_counter() - t0
+        return out
+
+    def _finished(self, prefix: list[int], out: list[int], budget: int) -> bool:
+        last = out[-1] if out else prefix[-1]
+        return (len(out) >= budget or last in self.engine.eos_token_ids
+                or len(prefix) + len(out) >= self.max_seq_len)
+
+    def _clip(self, new: list[int], room: int) -> list[int]:
+        new = new[:room]
+        eos_at = next((i for i, t in enumerate(new) if t in self.engine.eos_token_ids), None)
+        return new if eos_at is None else new[: eos_at + 1]
+
+    @staticmethod
+    def _rejoin(hint: list[int], context: list[int], cursor: int) -> int | None:
+        """Where `hint` goes on after the end of `context`, judged by the longest matching n-gram."""
+        for n in _NGRAMS:
+            key = context[-n:]
+            for j in range(max(cursor, n), len(hint)):
+                if hint[j - n : j] == key:
+                    return j
+        return None
+
+    def _verify(self, context: list[int], proposal: list[int], cost: Cost) -> tuple[int, list[int]]:
+        """One teacher-forced target pass over context + proposal: (tokens kept, kept + the target's next)."""
+        proposal = proposal[: self.max_seq_len - len(context) - 1]
+        logits, _ = self.engine.target.teacher_forced(context + proposal)
+        greedy = logits[len(context) - 1 :].argmax(-1).tolist()
+        accepted = next((i for i, (p, g) in enumerate(zip(proposal, greedy)) if p != g), len(proposal))
+        cost.target_forwards += 1
+        cost.target_positions += len(context) + len(proposal)
+        cost.verify_passes += 1
+        cost.reused_tokens += accepted
+        return accepted, proposal[:accepted] + [greedy[accepted]]
+
+    def _generate(self, context: list[int], n: int, cost: Cost) -> list[int]:
+        mode = "speculative" if self.options.speculative else "target"
+        out = self.engine.generate(context, max_new_tokens=n, mode=mode, window=self.options.window)
+        stats = out.stats
+        if mode == "speculative":
+            cost.target_forwards += 1 + stats.cycles
+            cost.target_positions += len(context) + stats.cycles * (self.options.window + 1)
+            cost.draft_forwards += 1 + stats.cycles * self.options.window
+            cost.draft_positions += len(context) + stats.cycles * self.options.window
+        else:
+            cost.target_forwards += max(len(out.token_ids), 1)
+            cost.target_positions += len(context) + max(len(out.token_ids) - 1, 0)
+        cost.generated_tokens += len(out.token_ids)
+        return out.token_ids
+
+    # ------------------------------------------------------------------ mining
+
+    def _draft_predictions(self, ids: list[int], cost: Cost) -> list[int | None]:
+        """Entry p is the draft's greedy token for position p given ids[:p]."""
+        logits, _ = self.engine.draft.teacher_forced(ids)
+        cost.draft_forwards += 1
+        cost.draft_positions += len(ids)
+        return [None] + logits[:, : self.common_vocab].argmax(-1).tolist()[:-1]
+
+    def _check(self, problem: Problem, response: list[int], cost: Cost):
+        t0 = time.perf_counter()
+        outcome = self.checker(problem, self.engine.tokenizer.decode(response, skip_special_tokens=True))
+        cost.checker_s += time.perf_counter() - t0
+        return outcome
+
+    def mine(self, problem: Problem, prompt_ids: list[int]) -> ProblemResult:
+        t0 = time.perf_counter()
+        cost = Cost()
+        budget, n0 = self.options.max_new_tokens, len(prompt_ids)
+        answer = self.continuation(prompt_ids, budget, [], cost)
+        ref = self._check(problem, answer, cost)
+        cur, left, preds, labels = prompt_ids + answer, n0, None, []
+        while True:
+            preds = preds or self._draft_predictions(cur, cost)
+            p = next((q for q in range(left, len(cur)) if cur[q] != preds[q]), None)
+            if p is None:
+                break
+            alt = cur[:p] + [preds[p]]
+            alt += self.continuation(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
+            alt_answer = self._check(problem, alt[n0:], cost)
+            labels.append({
+                "kind": "label", "problem_id": problem.problem_id, "position": p - n0,
+                "prompt_ids": prompt_ids, "prefix_ids": cur[n0:p],
+                "target_token": cur[p], "draft_token": preds[p],
+                "important": alt_answer != ref, "ref_answer": ref, "alt_answer": alt_answer,
+            })
+            if alt_answer == ref:
+                cur, preds = alt, None
+            left = p + 1
+            if cur[p] in self.engine.eos_token_ids:
+                break
+        record = {
+            "kind": "problem", "problem_id": problem.problem_id,
+            "answer_text": self.engine.tokenizer.decode(answer, skip_special_tokens=True),
+            "answer_ids": answer, "ref_answer": ref, "ground_truth": problem.expected,
+            "correct": ref == problem.expected, "n_mismatches": len(labels),
+            "n_important": sum(label["important"] for label in labels),
+            "speculative": self.options.speculative, "reuse_continuation": self.options.reuse_continuation,
+            "wall_s": time.perf_counter() - t0, "cost": asdict(cost),
+        }
+        return ProblemResult(labels, record, cost)

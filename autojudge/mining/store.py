@@ -1,0 +1,92 @@
+"""Append-only JSONL label store that survives kill -9.
+
+Rows: one `meta` row first, then per problem its `label` rows followed by one `problem` row, written
+in a single write + flush + fsync. A problem is complete once its `problem` row is on disk; resuming
+truncates the file back to the last complete problem (dropping a torn tail) and skips finished ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from autojudge.errors import AutojudgeError
+
+# Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
+RESUME_KEYS = ("target", "target_fingerprint", "draft", "draft_fingerprint", "dataset", "split", "max_new_tokens",
+               "prompt_template", "checker")
+
+
+def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
+    """(meta row, byte offset just past the last complete problem, finished problem ids)."""
+    meta, end, done = None, 0, set()
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            offset += len(line)
+            if not line.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            kind = row.get("kind")
+            if kind == "meta" and meta is None:
+                meta, end = row, offset
+            elif kind == "problem":
+                done.add(row["problem_id"])
+                end = offset
+    return meta, end, done
+
+
+class LabelStore:
+    def __init__(self, path: str | Path, meta: dict, resume: bool):
+        self.path = Path(path)
+        self.done: set[str] = set()
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if exists and not resume:
+            raise AutojudgeError(f"{self.path} already exists; pass --resume to continue it or choose another --out")
+        if exists:
+            old_meta, end, self.done = _scan(self.path)
+            if old_meta is None:
+                raise AutojudgeError(f"{self.path} is not a mining file (no meta row); choose another --out")
+            changed = [k for k in RESUME_KEYS if old_meta.get(k) != meta.get(k)]
+            if changed:
+                raise AutojudgeError(
+                    f"cannot resume {self.path}: {', '.join(changed)} differ from the run that wrote it; "
+                    "use the same settings or another --out"
+                )
+            # Label rows of a problem without its problem row, or half a line, came from a crash.
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+            self._file = open(self.path, "ab")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+            self._write([{"kind": "meta", **meta}])
+
+    def _write(self, rows: list[dict]) -> None:
+        self._file.write(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def add_problem(self, labels: list[dict], record: dict) -> None:
+        self._write([*labels, record])
+        self.done.add(record["problem_id"])
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> LabelStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_rows(path: str | Path, kind: str | None = None) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows if kind is None else [r for r in rows if r.get("kind") == kind]

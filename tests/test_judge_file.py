@@ -1,0 +1,95 @@
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from autojudge.errors import AutojudgeError
+from autojudge.judge.judge_file import export_vllm, judge_paths, load_judge, save_judge
+from autojudge.judge.train import train_judge
+
+
+def fake_dec(fp, hidden, name):
+    return SimpleNamespace(fingerprint=fp, name=name, device=torch.device("cpu"),
+                           config=SimpleNamespace(hidden_size=hidden))
+
+
+DRAFT = fake_dec("d" * 64, 3, "tiny-draft")
+TARGET = fake_dec("t" * 64, 5, "tiny-target")
+
+
+def trained(setup="DD-DT", seed=0):
+    d = 8 if setup == "DD-DT" else 5
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, d, generator=g) * torch.linspace(0.5, 4, d) + torch.linspace(-3, 3, d)
+    y = ((x - torch.linspace(-3, 3, d)) @ torch.linspace(-1, 1, d) > 0).float()
+    res = train_judge(x, y, [f"p{i // 5}" for i in range(400)], seed=seed)
+    sizes = {"draft": 3, "target": 5} if setup == "DD-DT" else {"target": 5}
+    meta = {
+        "kind": "autojudge", "setup": setup, "hidden_sizes": sizes,
+        "fingerprints": {"draft": DRAFT.fingerprint, "target": TARGET.fingerprint},
+        "models": {"draft": DRAFT.name, "target": TARGET.name},
+    }
+    return x, res, meta
+
+
+def test_round_trip_and_folded_probabilities(tmp_path):
+    x, res, meta = trained()
+    st_path, json_path = save_judge(tmp_path / "j", res, meta)
+    for given in (tmp_path / "j", st_path, json_path, str(st_path)):
+        judge = load_judge(given, target=TARGET, draft=DRAFT)
+        assert judge.setup == "DD-DT" and judge.uses_draft and judge.weight.shape == (8,) and judge.bias.shape == (1,)
+        assert judge.weight.dtype == torch.float32
+    torch.testing.assert_close(judge.p_important(x).double(), res.head.predict_proba(x), atol=1e-5, rtol=0)
+    stored = json.loads(json_path.read_text())
+    assert stored["kind"] == "autojudge" and stored["hidden_sizes"] == {"draft": 3, "target": 5}
+    assert stored["thresholds"] == res.thresholds and "created" in stored
+    assert judge.threshold_for() == res.default_threshold["value"]
+    assert judge.threshold_for(recall=0.9) == res.thresholds["recall"]["0.9"]
+    assert judge.threshold_for(threshold=0.3) == 0.3
+    with pytest.raises(AutojudgeError, match="0.8, 0.9, 0.95, 0.99"):
+        judge.threshold_for(recall=0.5)
+    with pytest.raises(AutojudgeError):
+        judge.threshold_for(recall=0.9, threshold=0.2)
+
+
+def test_dotted_stem_keeps_its_name(tmp_path):
+    assert judge_paths(tmp_path / "qwen-0.5b")[1].name == "qwen-0.5b.json"
+
+
+@pytest.mark.parametrize(
+    "target, draft, needle",
+    [
+        (fake_dec("x" * 64, 5, "other"), DRAFT, "xxxxxxxxxxxx"),
+        (fake_dec("t" * 64, 6, "wide"), DRAFT, "hidden 6"),
+        (TARGET, fake_dec("y" * 64, 3, "other-draft"), "yyyyyyyyyyyy"),
+        (TARGET, None, "needs a draft model"),
+    ],
+)
+def test_other_models_are_refused(tmp_path, target, draft, needle):
+    _, res, meta = trained()
+    save_judge(tmp_path / "j", res, meta)
+    with pytest.raises(AutojudgeError, match="autojudge train") as err:
+        load_judge(tmp_path / "j", target=target, draft=draft)
+    assert needle in str(err.value)
+
+
+def test_dt_judge_ignores_the_draft(tmp_path):
+    _, res, meta = trained("DT")
+    save_judge(tmp_path / "j", res, meta)
+    judge = load_judge(tmp_path / "j", target=TARGET, draft=None)
+    assert judge.weight.shape == (5,) and not judge.uses_draft
+
+
+def test_vllm_export(tmp_path):
+    x, res, _ = trained("DT")
+    path = export_vllm(tmp_path / "j.vllm.pkl", res, "DT")
+    with path.open("rb") as f:
+        data = pickle.load(f)
+    assert {"mean", "scale", "weights", "bias"} <= data.keys()
+    assert [data[k].shape for k in ("mean", "scale", "weights", "bias")] == [(5,), (5,), (5,), (1,)]
+    z = (x.double().numpy() - data["mean"]) / data["scale"] @ data["weights"] + data["bias"]
+    torch.testing.assert_close(torch.sigmoid(torch.from_numpy(z)), res.head.predict_proba(x))
+    with pytest.raises(AutojudgeError, match="--setup DT"):
+        export_vllm(tmp_path / "k.pkl", res, "DD-DT")

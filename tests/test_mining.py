@@ -1,0 +1,261 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from autojudge import Engine
+from autojudge.errors import AutojudgeError
+from autojudge.mining.cli import mine, parse_shard, select_problems
+from autojudge.mining.datasets import Problem
+from autojudge.mining.miner import Cost, Miner, MiningOptions
+from autojudge.mining.store import LabelStore, read_rows
+
+TESTS = Path(__file__).parent
+MAX_SEQ_LEN = 256
+MINING = MiningOptions(max_new_tokens=28)  # both tricks on
+
+
+def parity(problem, text):
+    """Synthetic checker for random-weight models: both outcomes are common and swaps flip it often enough."""
+    return sum(map(ord, text[-3:])) % 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are all per-call overhead; extra threads only fight over the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    target, draft = tiny_pair
+    return Engine.from_pretrained(target=str(target), draft=str(draft), max_seq_len=MAX_SEQ_LEN)
+
+
+def _problems(n):
+    return [Problem(f"p{i}", "gsm8k", f"Question {i}: what is {i} + {i}?", str(2 * i)) for i in range(n)]
+
+
+def _mine(engine, options, n=4):
+    miner = Miner(engine, parity, options)
+    return [miner.mine(p, engine.encode_prompt(p.question)) for p in _problems(n)]
+
+
+def _labels(results):
+    return [label for r in results for label in r.labels]
+
+
+def test_continuation_is_the_target_greedy_continuation(engine):
+    miner = Miner(engine, parity, MiningOptions(max_new_tokens=40))
+    for i in range(4):
+        prefix = engine.encode_prompt(f"Question {i}: what is {i} + {i}?")
+        expected = engine.generate(prefix, max_new_tokens=40, mode="target").token_ids
+        wrong = [(t + 1) % 256 for t in expected]
+        hints = {
+            "none": [], "exact": expected, "wrong": wrong, "shifted": expected[3:],
+            "rejoins": wrong[:5] + expected[5:], "too long": expected + expected,
+        }
+        for name, hint in hints.items():
+            cost = Cost()
+            assert miner.continuation(prefix, 40, hint, cost) == expected, name
+        cost = Cost()
+        miner.continuation(prefix, 40, expected, cost)
+        assert cost.reused_tokens == len(expected) and cost.verify_passes == 1 and cost.generated_tokens == 0
+
+
+def test_continuation_respects_budget_and_eos(engine):
+    miner = Miner(engine, parity, MiningOptions())
+    prefix = engine.encode_prompt("Question 1")
+    assert len(miner.continuation(prefix, 5, [], Cost())) == 5
+    assert miner.continuation(prefix, 0, [], Cost()) == []
+    eos = next(iter(engine.eos_token_ids))
+    assert miner.continuation(prefix + [eos], 10, [1, 2, 3], Cost()) == []
+
+
+@pytest.fixture(scope="module")
+def mined(engine):
+    return _mine(engine, MINING)
+
+
+def test_mining_is_deterministic_and_sees_both_labels(engine, mined):
+    assert _labels(_mine(engine, MINING)) == _labels(mined)
+    importance = [label["important"] for label in _labels(mined)]
+    assert True in importance and False in importance
+
+
+def test_labels_follow_the_greedy_algorithm(mined):
+    for result in mined:
+        record, labels = result.record, result.labels
+        assert record["n_mismatches"] == len(labels)
+        assert record["ref_answer"] == parity(None, record["answer_text"])
+        assert [label["position"] for label in labels] == sorted({label["position"] for label in labels})
+        # Each label's prefix extends the previous one by the token kept there: the draft's if the swap
+        # kept the answer, else the target's.
+        for before, after in zip(labels, labels[1:]):
+            kept = before["target_token"] if before["important"] else before["draft_token"]
+            assert after["prefix_ids"][: before["position"] + 1] == before["prefix_ids"] + [kept]
+        for label in labels:
+            assert label["target_token"] != label["draft_token"]
+            assert label["important"] == (label["alt_answer"] != label["ref_answer"])
+
+
+@pytest.mark.parametrize("speculative, reuse", [(False, False), (True, False), (False, True)])
+def test_speed_tricks_do_not_change_labels(engine, mined, speculative, reuse):
+    options = MiningOptions(MINING.max_new_tokens, speculative=speculative, reuse_continuation=reuse)
+    results = _mine(engine, options)
+    assert _labels(results) == _labels(mined)
+    assert (sum(r.cost.reused_tokens for r in results) > 0) == reuse
+
+
+# ---------------------------------------------------------------------------- store
+
+
+META = {"target": "t", "target_fingerprint": "a", "draft": "d", "draft_fingerprint": "b", "dataset": "x",
+        "split": "train", "max_new_tokens": 8, "prompt_template": None, "checker": "gsm8k"}
+
+
+def _add(store, pid, n_labels):
+    store.add_problem([{"kind": "label", "problem_id": pid, "i": i} for i in range(n_labels)],
+                      {"kind": "problem", "problem_id": pid})
+
+
+def test_store_resume_drops_an_unfinished_problem(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    with LabelStore(path, META, resume=False) as store:
+        _add(store, "a", 2)
+        _add(store, "b", 0)
+    complete = path.read_bytes()
+    with open(path, "ab") as f:  # a crash mid-problem: label rows without their problem row, then half a row
+        f.write(b'{"kind": "label", "problem_id": "c", "i": 0}\n{"kind": "label", "probl')
+    with LabelStore(path, META, resume=True) as store:
+        assert store.done == {"a", "b"}
+        assert path.read_bytes() == complete
+        _add(store, "c", 1)
+    assert [r["problem_id"] for r in read_rows(path, "problem")] == ["a", "b", "c"]
+    assert len(read_rows(path, "label")) == 3
+
+
+def test_store_refuses_to_overwrite_or_mix_runs(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    LabelStore(path, META, resume=False).close()
+    with pytest.raises(AutojudgeError, match="--resume"):
+        LabelStore(path, META, resume=False)
+    with pytest.raises(AutojudgeError, match="max_new_tokens differ"):
+        LabelStore(path, {**META, "max_new_tokens": 9}, resume=True)
+    other = tmp_path / "other.jsonl"
+    other.write_text("hello\n")
+    with pytest.raises(AutojudgeError, match="not a mining file"):
+        LabelStore(other, META, resume=True)
+
+
+def test_shards_partition_problems():
+    problems = _problems(10)
+    shards = [select_problems(problems, 7, parse_shard(f"{i}/3")) for i in range(3)]
+    ids = [p.problem_id for shard in shards for p in shard]
+    assert sorted(ids) == sorted(p.problem_id for p in problems[:7])
+    assert [p.problem_id for p in shards[1]] == ["p1", "p4"]
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(AutojudgeError, match="--shard"):
+            parse_shard(bad)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(16)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _args(tiny_pair, dataset, out, *extra):
+    target, draft = tiny_pair
+    return ["--target", str(target), "--draft", str(draft), "--max-seq-len", str(MAX_SEQ_LEN),
+            "--dataset", str(dataset), "--out", str(out), "--max-new-tokens", "24",
+            "--checker", "test_mining:parity", *extra]
+
+
+def _comparable(path):
+    """The rows without timings, which differ run to run."""
+    rows = read_rows(path)
+    for row in rows:
+        row.pop("wall_s", None)
+        for key in [k for k in row.get("cost", {}) if k.endswith("_s")]:
+            del row["cost"][key]
+    return rows
+
+
+def _cli(args, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    result = CliRunner().invoke(mine, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_shards_cover_a_full_run(tiny_pair, dataset, tmp_path, monkeypatch):
+    full = tmp_path / "full.jsonl"
+    _cli(_args(tiny_pair, dataset, full, "--limit", "5"), monkeypatch)
+    shards = [tmp_path / f"shard{i}.jsonl" for i in range(2)]
+    for i, out in enumerate(shards):
+        _cli(_args(tiny_pair, dataset, out, "--limit", "5", "--shard", f"{i}/2"), monkeypatch)
+    by_problem = {}
+    for out in shards:
+        for row in _comparable(out)[1:]:
+            by_problem.setdefault(row["problem_id"], []).append(row)
+    assert sorted(by_problem) == [f"tiny/{i}" for i in range(5)]
+    assert [r["problem_id"] for r in read_rows(shards[1], "problem")] == ["tiny/1", "tiny/3"]
+    full_rows = _comparable(full)[1:]
+    assert [row for pid in sorted(by_problem) for row in by_problem[pid]] == full_rows
+
+
+def test_cli_errors(tiny_pair, dataset, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    out.write_text("x\n")
+    result = CliRunner().invoke(mine, _args(tiny_pair, dataset, out))
+    assert isinstance(result.exception, AutojudgeError) and "--resume" in str(result.exception)
+    result = CliRunner().invoke(mine, _args(tiny_pair, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
+    assert isinstance(result.exception, AutojudgeError) and "file not found" in str(result.exception)
+
+
+def _spawn(args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
+           "AUTOJUDGE_QUIET": "1"}
+    return subprocess.Popen([sys.executable, "-c", "from autojudge.cli import main; main()", "mine", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _problem_rows(path):
+    if not path.exists():
+        return 0
+    return path.read_bytes().count(b'"kind": "problem"')
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_path):
+    reference, interrupted = tmp_path / "reference.jsonl", tmp_path / "interrupted.jsonl"
+    full = _spawn(_args(tiny_pair, dataset, reference))
+    victim = _spawn(_args(tiny_pair, dataset, interrupted))
+    deadline = time.monotonic() + 120
+    while _problem_rows(interrupted) < 3 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert 3 <= _problem_rows(interrupted) < 16, "the run finished before the kill; the test needs more problems"
+    with open(interrupted, "ab") as f:  # as if the kill had landed in the middle of a problem's rows
+        f.write(b'{"kind": "label", "problem_id": "tiny/15", "position": 0}\n{"kind": "lab')
+    resumed = _spawn(_args(tiny_pair, dataset, interrupted, "--resume"))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    assert full.wait(timeout=300) == 0, full.stdout.read().decode()
+    assert _comparable(interrupted) == _comparable(reference)
+    assert _problem_rows(reference) == 16

@@ -1,0 +1,76 @@
+"""Our decoder against transformers on tiny random checkpoints: logits at prefill and at each decode step."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from autojudge.engine import loading
+from autojudge.engine.decoder import Decoder
+from autojudge.engine.tokenizer import load_tokenizer
+from autojudge.testing import make_tiny_checkpoint
+
+TOL = 1e-4
+
+
+def _ours(path, max_seq_len=256):
+    ckpt = loading.resolve(str(path), "target")
+    return Decoder.load(ckpt, load_tokenizer(ckpt.directory), torch.float32, torch.device("cpu"), max_seq_len)
+
+
+def _check_parity(path, prompt_len=23, steps=12, seed=0):
+    ours = _ours(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ours.config.vocab_size, (1, prompt_len + steps), generator=gen)
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    logits, hidden = ours.forward(ids[0, :prompt_len], 0)
+    assert hidden.shape == (prompt_len, ours.config.hidden_size)
+    assert (logits - ref[:prompt_len]).abs().max().item() <= TOL
+    for t in range(prompt_len, prompt_len + steps):
+        step_logits, _ = ours.forward(ids[0, t : t + 1], t)
+        assert (step_logits[0] - ref[t]).abs().max().item() <= TOL, f"decode step at position {t}"
+
+
+def test_qwen2_tied_matches_transformers(tiny_qwen):
+    _check_parity(tiny_qwen)
+
+
+def test_llama3_rope_scaling_untied_matches_transformers(tiny_llama):
+    _check_parity(tiny_llama, prompt_len=90, steps=8)  # past original_max_position_embeddings=64
+
+
+def test_qwen2_untied_gqa1_matches_transformers(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "q", arch="qwen2", seed=3, num_heads=4, num_kv_heads=1,
+                                tie_word_embeddings=False)
+    _check_parity(path, seed=1)
+
+
+def test_hidden_is_after_final_norm(tiny_qwen):
+    ours = _ours(tiny_qwen)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    ids = torch.arange(5, 25)[None]
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+    logits, hidden = ours.teacher_forced(ids[0])
+    assert torch.allclose(hidden, ref.hidden_states[-1][0], atol=TOL)
+    assert torch.allclose(hidden @ ours.model.lm_head.weight.T, logits, atol=TOL)
+
+
+def test_rollback_overwrites_rejected_slots(tiny_qwen):
+    """Writing garbage past the committed length, then the true tokens, gives the clean logits."""
+    ours = _ours(tiny_qwen)
+    ids = torch.arange(3, 40)
+    clean, _ = ours.teacher_forced(ids)
+    ours.forward(ids[:20], 0)
+    ours.forward(torch.full((8,), 7), 20)  # rejected draft tokens at 20..27
+    logits, _ = ours.forward(ids[20:], 20)
+    assert torch.allclose(logits, clean[20:], atol=TOL)
+
+
+def test_sequence_past_cache_is_refused(tiny_qwen):
+    from autojudge.errors import AutojudgeError
+
+    ours = _ours(tiny_qwen, max_seq_len=16)
+    with pytest.raises(AutojudgeError, match="max-seq-len"):
+        ours.forward(torch.arange(17), 0)
