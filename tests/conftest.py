@@ -7,9 +7,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from autojudge.testing import make_tiny_checkpoint  # noqa: E402
+
+# Tiny models gain nothing from a second thread and lose ~50x on a busy 2-core machine to thread handoffs;
+# the real-model tests ask for all cores themselves.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ Speculative output equals target output equals transformers' greedy output on th
 """
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -24,7 +25,10 @@ NEW_TOKENS = 48
 def engine():
     from autojudge import Engine
 
-    return Engine.from_pretrained(target="default", draft="default", max_seq_len=1024, kernels="eager")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield Engine.from_pretrained(target="default", draft="default", max_seq_len=1024, kernels="eager")
+    torch.set_num_threads(threads)
 
 
 def test_speculative_equals_target_equals_transformers(engine, capsys):

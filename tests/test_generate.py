@@ -138,3 +138,30 @@ def test_bad_prompts_raise_clear_errors(engine):
         engine.generate([1, 10_000])
     with pytest.raises(AutojudgeError, match="does not fit the KV cache"):
         engine.generate(list(range(1, 200)) * 3)
+
+
+@pytest.fixture(scope="module")
+def triton_engine(tiny_pair):
+    return Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=512,
+                                  kernels="triton")
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_speculative_with_triton_kernel_equals_target(triton_engine, window):
+    prompt = list(range(50, 77))
+    want = triton_engine.generate(prompt, max_new_tokens=40, mode="target", ignore_eos=True)
+    got = triton_engine.generate(prompt, max_new_tokens=40, mode="speculative", window=window, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    assert got.stats.cycles < 40
+
+
+@pytest.mark.parametrize("kernels", ["eager", "triton"])
+def test_speculative_sampling_is_seeded(tiny_pair, kernels):
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=256,
+                                    kernels=kernels)
+    kw = dict(max_new_tokens=30, mode="speculative", window=4, ignore_eos=True, temperature=1.0)
+    a = engine.generate("Once upon", seed=3, **kw)
+    b = engine.generate("Once upon", seed=3, **kw)
+    c = engine.generate("Once upon", seed=4, **kw)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    assert len(a.token_ids) == 30 and a.stats.cycles >= 1

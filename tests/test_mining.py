@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from autojudge import Engine
@@ -19,21 +18,12 @@ from autojudge.mining.store import LabelStore, read_rows
 
 TESTS = Path(__file__).parent
 MAX_SEQ_LEN = 256
-MINING = MiningOptions(max_new_tokens=28)  # both tricks on
+MINING = MiningOptions(max_new_tokens=28, speculative=True, reuse_continuation=True)
 
 
 def parity(problem, text):
     """Synthetic checker for random-weight models: both outcomes are common and swaps flip it often enough."""
     return sum(map(ord, text[-3:])) % 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are all per-call overhead; extra threads only fight over the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ def _labels(results):
 
 
 def test_continuation_is_the_target_greedy_continuation(engine):
-    miner = Miner(engine, parity, MiningOptions(max_new_tokens=40))
+    miner = Miner(engine, parity, MiningOptions(max_new_tokens=40, reuse_continuation=True))
     for i in range(4):
         prefix = engine.encode_prompt(f"Question {i}: what is {i} + {i}?")
         expected = engine.generate(prefix, max_new_tokens=40, mode="target").token_ids
@@ -184,7 +174,7 @@ def _args(tiny_pair, dataset, out, *extra):
     target, draft = tiny_pair
     return ["--target", str(target), "--draft", str(draft), "--max-seq-len", str(MAX_SEQ_LEN),
             "--dataset", str(dataset), "--out", str(out), "--max-new-tokens", "24",
-            "--checker", "test_mining:parity", *extra]
+            "--reuse-continuation", "--checker", "test_mining:parity", *extra]
 
 
 def _comparable(path):
@@ -227,6 +217,9 @@ def test_cli_errors(tiny_pair, dataset, tmp_path):
     assert isinstance(result.exception, AutojudgeError) and "--resume" in str(result.exception)
     result = CliRunner().invoke(mine, _args(tiny_pair, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
     assert isinstance(result.exception, AutojudgeError) and "file not found" in str(result.exception)
+    result = CliRunner().invoke(mine, _args(tiny_pair, dataset, tmp_path / "o.jsonl", "--max-new-tokens", "250"))
+    assert isinstance(result.exception, AutojudgeError) and "raise --max-seq-len" in str(result.exception)
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def _spawn(args):

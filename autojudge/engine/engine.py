@@ -13,6 +13,7 @@ from autojudge.engine import loading
 from autojudge.engine.decoder import Decoder
 from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
 from autojudge.errors import AutojudgeError
+from autojudge.kernels import VerifyOutput
 
 MODES = ("target", "speculative", "autojudge", "judge")
 MAX_WINDOW = 64
@@ -199,6 +200,7 @@ class Engine:
         draft_probs = (torch.zeros(window, target.config.vocab_size, device=target.device)
                        if sampler.temperature > 0 else None)
         judge_bias = 0.0 if judge is None else float(judge.bias)
+        verify_outs: dict[int, VerifyOutput] = {}  # per window size: the verify step writes the same buffers
         histogram: Counter[int] = Counter()
         while True:
             seq_len = self._seq_len
@@ -221,6 +223,8 @@ class Engine:
             if judge is not None:
                 target_hidden = hidden[1:].float()[None]
                 features = (draft_hidden[:k][None], target_hidden) if need_draft_hidden else target_hidden
+            if k not in verify_outs:
+                verify_outs[k] = VerifyOutput.empty(1, k, target.device)
             result = self.verify(
                 logits[None], tokens[seq_len : seq_len + k][None],
                 judge_features=features,
@@ -230,6 +234,7 @@ class Engine:
                 temperature=sampler.temperature,
                 draft_probs=None if draft_probs is None else draft_probs[:k][None],
                 seed=sampler.seed, offset=stats.cycles,
+                out=verify_outs[k],
             )
             # The cycle's one host sync: accepted count, next token and the drafted tokens, in one transfer.
             host = torch.cat([result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]).tolist()

@@ -31,14 +31,27 @@ def select_problems(problems: list[Problem], limit: int | None, shard: tuple[int
     return [p for index, p in enumerate(problems[:limit]) if index % n == i]
 
 
-def run_mining(engine, problems: list[Problem], checker: Checker, store: LabelStore,
-               options: MiningOptions, template: str | None) -> dict:
+def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_tokens: int, max_seq_len: int):
+    """Fail before hours of mining rather than at the first long problem."""
+    if not prompts:
+        return
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    need = len(prompts[longest]) + max_new_tokens
+    if need > max_seq_len:
+        raise AutojudgeError(
+            f"{problems[longest].problem_id}: a prompt of {len(prompts[longest])} tokens plus --max-new-tokens "
+            f"{max_new_tokens} needs {need} cache slots; raise --max-seq-len to at least {need}"
+        )
+
+
+def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
+               options: MiningOptions) -> dict:
     miner = Miner(engine, checker, options)
-    todo = [p for p in problems if p.problem_id not in store.done]
+    todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
     totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "target_forwards": 0}
     with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar:
-        for problem in todo:
-            result = miner.mine(problem, engine.encode_prompt(build_messages(problem, template)))
+        for problem, prompt_ids in todo:
+            result = miner.mine(problem, prompt_ids)
             store.add_problem(result.labels, result.record)
             totals["problems"] += 1
             totals["labels"] += len(result.labels)
@@ -68,8 +81,9 @@ def run_mining(engine, problems: list[Problem], checker: Checker, store: LabelSt
               help="Chat prompt with '{question}' where the problem goes [default: per task].")
 @click.option("--speculative/--no-speculative", default=True, show_default=True,
               help="Generate continuations by lossless speculative decoding.")
-@click.option("--reuse-continuation/--no-reuse-continuation", default=True, show_default=True,
-              help="Try the previous continuation as a free draft after each swap.")
+@click.option("--reuse-continuation/--no-reuse-continuation", default=False, show_default=True,
+              help="Try the previous continuation as a free draft after each swap (exact; fewer generated "
+                   "tokens, but its checks reprocess the whole sequence).")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
@@ -91,8 +105,10 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
     }
     options = MiningOptions(max_new_tokens=max_new_tokens, window=window, speculative=speculative,
                             reuse_continuation=reuse_continuation)
+    prompts = [engine.encode_prompt(build_messages(p, prompt_template)) for p in problems]
+    _check_fits(problems, prompts, max_new_tokens, engine.target.max_seq_len)
     with LabelStore(out, meta, resume) as store:
-        totals = run_mining(engine, problems, checker, store, options, prompt_template)
+        totals = run_mining(engine, problems, prompts, checker, store, options)
     ratio = totals["important"] / max(totals["labels"], 1)
     click.echo(f"mined {totals['problems']} problems: {totals['labels']} labels, {ratio:.1%} important, "
                f"target correct on {totals['correct']}, {totals['target_forwards']} target forwards -> {out}")
