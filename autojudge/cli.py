@@ -34,25 +34,12 @@ def main():
 
 def _register():
     from autojudge.engine.cli import bench, generate
+    from autojudge.eval.cli import eval_cmd
+    from autojudge.judge.cli import features, train
+    from autojudge.mining.cli import mine
 
-    main.add_command(generate)
-    main.add_command(bench)
-    try:
-        from autojudge.mining.cli import mine
-        main.add_command(mine)
-    except ImportError:
-        pass
-    try:
-        from autojudge.judge.cli import features, train
-        main.add_command(features)
-        main.add_command(train)
-    except ImportError:
-        pass
-    try:
-        from autojudge.eval.cli import eval_cmd
-        main.add_command(eval_cmd)
-    except ImportError:
-        pass
+    for command in (generate, mine, features, train, eval_cmd, bench):
+        main.add_command(command)
 
 
 _register()

@@ -165,3 +165,21 @@ def test_speculative_sampling_is_seeded(tiny_pair, kernels):
     c = engine.generate("Once upon", seed=4, **kw)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     assert len(a.token_ids) == 30 and a.stats.cycles >= 1
+
+
+def test_shared_prefix_is_reused_and_exact(tiny_pair):
+    """Re-decoding from a prefix of an earlier sequence (as mining does) reuses its cache and stays exact."""
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=256,
+                                    kernels="eager")
+    fresh = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=256,
+                                   kernels="eager")
+    prompt = list(range(60, 90))
+    first = engine.generate(prompt, max_new_tokens=30, mode="speculative", window=4, ignore_eos=True)
+    branch = prompt + first.token_ids[:12] + [7]
+    assert engine.target.reusable_prefix(branch) == len(prompt) + 12
+    engine.draft.teacher_forced(prompt + first.token_ids)  # an unrelated pass in between, as the miner makes
+    for mode in ("speculative", "target"):
+        got = engine.generate(branch, max_new_tokens=20, mode=mode, window=4, ignore_eos=True)
+        fresh.target.cached_len = fresh.draft.cached_len = 0
+        want = fresh.generate(branch, max_new_tokens=20, mode=mode, window=4, ignore_eos=True)
+        assert got.token_ids == want.token_ids

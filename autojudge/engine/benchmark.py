@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from datetime import datetime, timezone
-from importlib import resources
 
 import torch
 
 
 def gsm8k_test_questions(n: int) -> list[str]:
-    path = resources.files("autojudge") / "data" / "gsm8k" / "test.jsonl"
-    with path.open() as f:
-        return [json.loads(line)["question"] for line, _ in zip(f, range(n))]
+    from autojudge.mining.datasets import load_dataset
+
+    return [problem.question for problem in load_dataset("gsm8k", "test")[:n]]
 
 
 def _transformers_tps(engine, prompts: list[list[int]], max_new_tokens: int) -> float:

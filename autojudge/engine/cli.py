@@ -25,7 +25,7 @@ from autojudge.errors import AutojudgeError
 @click.option("--threshold", default=None, type=float, help="Judge threshold tau: accept a mismatch when p < tau.")
 @click.option("--recall", default=None, type=float, help="Pick tau from the judge's stored thresholds by recall.")
 @click.option("--json", "as_json", is_flag=True, help="Print output and stats as one JSON object.")
-def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, mode, window, max_new_tokens,
+def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, mode, window, max_new_tokens,
              temperature, seed, ignore_eos, judge_path, threshold, recall, as_json):
     """Generate from PROMPT (text; '-' or nothing reads stdin)."""
     if prompt is None or prompt == "-":
@@ -36,7 +36,8 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, mode, w
         raise AutojudgeError(f"mode {mode!r} needs a draft model; drop --draft none or use --mode target")
     if not 1 <= window <= MAX_WINDOW and mode != "target":
         raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
-    engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels)
+    engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels,
+                                 cuda_graphs)
     judge, threshold = _judge_for(engine, mode, judge_path, threshold, recall)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, window=window, ignore_eos=ignore_eos,
                    temperature=temperature, seed=seed, judge=judge, threshold=threshold)
@@ -66,10 +67,10 @@ def _judge_for(engine, mode, judge_path, threshold, recall):
 @click.option("--window", default=8, show_default=True, type=int)
 @click.option("--prompts", default=3, show_default=True, type=int, help="How many GSM8K test prompts.")
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Also time transformers' generate.")
-def bench(target, draft, device, dtype, max_seq_len, kernels, max_new_tokens, window, prompts, hf):
+def bench(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, max_new_tokens, window, prompts, hf):
     """Tokens/s of target-only and speculative decoding (and transformers' generate) in one process."""
     from autojudge.engine.benchmark import run_generation_bench
 
-    engine = engine_from_options(target, draft, device, dtype, max_seq_len, kernels)
+    engine = engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs)
     click.echo(run_generation_bench(engine, max_new_tokens=max_new_tokens, window=window, n_prompts=prompts,
                                     with_transformers=hf))

@@ -21,19 +21,24 @@ def vocabulary_hash(tokenizer) -> str:
 
 class Decoder:
     def __init__(self, model: Transformer, name: str, vocab_hash: str, max_seq_len: int,
-                 checkpoint: Checkpoint | None = None):
+                 checkpoint: Checkpoint | None = None, attention: str = "sdpa"):
         self.model = model
         self.checkpoint = checkpoint
         self.config: ModelConfig = model.config
         self.name = name
         self.vocab_hash = vocab_hash
-        model.setup_cache(max_seq_len)
+        model.setup_cache(max_seq_len, attention=attention)
         self.max_seq_len = max_seq_len
+        # Which token each cache slot holds keys/values for: slots [0, cached_len) are valid for the tokens
+        # recorded here, so a later sequence sharing that prefix skips recomputing it.
+        self._cached_tokens = torch.full((max_seq_len,), -1, dtype=torch.long, device=model.lm_head.weight.device)
+        self.cached_len = 0
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, tokenizer, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> Decoder:
+    def load(cls, ckpt: Checkpoint, tokenizer, dtype: torch.dtype, device: torch.device, max_seq_len: int,
+             attention: str = "sdpa") -> Decoder:
         model = load_weights(ckpt, ckpt.config, dtype, device)
-        return cls(model, ckpt.name, vocabulary_hash(tokenizer), max_seq_len, checkpoint=ckpt)
+        return cls(model, ckpt.name, vocabulary_hash(tokenizer), max_seq_len, checkpoint=ckpt, attention=attention)
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +60,15 @@ class Decoder:
                 f"sequence of {end} tokens does not fit the KV cache of {self.max_seq_len}; raise --max-seq-len"
             )
         logits, hidden = self.model(tokens, self.model.cache_positions[start:end], end, logits_from)
+        self._cached_tokens[start:end] = tokens[0]
+        self.cached_len = end
         return (None if logits is None else logits[0]), hidden[0]
+
+    def reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` already have valid keys/values in the cache (one host read)."""
+        n = min(len(ids), self.cached_len)
+        cached = self._cached_tokens[:n].tolist()
+        return next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), n)
 
     def teacher_forced(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh pass over a whole sequence from position 0: (logits [T, V] fp32, hidden [T, D] fp32)."""

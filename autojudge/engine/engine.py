@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autojudge.engine import loading
+from autojudge.engine.cuda_graphs import CudaGraphs
 from autojudge.engine.decoder import Decoder
 from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
 from autojudge.errors import AutojudgeError
@@ -50,34 +51,42 @@ class GenerationOutput:
 
 
 class Engine:
-    def __init__(self, target: Decoder, draft: Decoder | None, tokenizer, eos_token_ids, kernels: str = "auto"):
+    def __init__(self, target: Decoder, draft: Decoder | None, tokenizer, eos_token_ids, kernels: str = "auto",
+                 cuda_graphs: bool | None = None):
         from autojudge.kernels import resolve_kernels
 
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.verify = resolve_kernels(kernels, target.device)
-        self.kernels = kernels
         # Committed tokens live on the device so that drafting and verifying read views, never copies.
         self._tokens = torch.zeros(target.max_seq_len, dtype=torch.long, device=target.device)
+        on_cuda = target.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise AutojudgeError(f"--cuda-graphs needs a CUDA device, not {target.device}; drop it or use --device cuda")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        # Decode-time forwards replay CUDA graphs that read self._tokens; the prefill stays eager.
+        self._graphs = CudaGraphs(self._tokens) if self.cuda_graphs else None
 
     @classmethod
     def from_pretrained(cls, target: str = "default", draft: str | None = "default", device: str = "cpu",
-                        dtype: str | torch.dtype | None = None, max_seq_len: int = 4096, kernels: str = "auto") -> Engine:
+                        dtype: str | torch.dtype | None = None, max_seq_len: int = 4096, kernels: str = "auto",
+                        cuda_graphs: bool | None = None, attention: str = "sdpa") -> Engine:
+        """cuda_graphs None: on for CUDA, off for CPU. attention: "sdpa", or "flash" (CUDA, the `gpu` extra)."""
         device = _parse_device(device)
         dtype = _parse_dtype(dtype, device)
         if max_seq_len < 2:
             raise AutojudgeError(f"--max-seq-len must be at least 2, got {max_seq_len}")
         target_ckpt = loading.resolve(target, "target")
         tokenizer = load_tokenizer(target_ckpt.directory)
-        target_dec = Decoder.load(target_ckpt, tokenizer, dtype, device, max_seq_len)
+        target_dec = Decoder.load(target_ckpt, tokenizer, dtype, device, max_seq_len, attention)
         draft_dec = None
         if draft is not None:
             draft_ckpt = loading.resolve(draft, "draft")
             draft_tok = load_tokenizer(draft_ckpt.directory)
             check_compatible(tokenizer, draft_tok, target_ckpt.name, draft_ckpt.name)
-            draft_dec = Decoder.load(draft_ckpt, draft_tok, dtype, device, max_seq_len)
+            draft_dec = Decoder.load(draft_ckpt, draft_tok, dtype, device, max_seq_len, attention)
         eos = target_ckpt.eos_token_ids() | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-        return cls(target_dec, draft_dec, tokenizer, eos, kernels)
+        return cls(target_dec, draft_dec, tokenizer, eos, kernels, cuda_graphs)
 
     def encode_prompt(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.target.config.vocab_size)
@@ -167,30 +176,44 @@ class Engine:
     def _cache_full(self) -> bool:
         return self._seq_len >= self.target.max_seq_len
 
-    def _prefill(self, prompt_ids: list[int], sampler, stats) -> int:
+    def _prefill(self, decoder: Decoder, prompt_ids: list[int], logits_from: int | None):
+        """Runs the prompt through `decoder`, skipping the prefix its cache already holds (mining and eval
+        re-decode from long shared prefixes); the last prompt token always runs, for its logits."""
+        n = len(prompt_ids)
+        start = min(decoder.reusable_prefix(prompt_ids), n - 1)
+        return decoder.forward(self._tokens[start:n], start, logits_from=logits_from)
+
+    def _start(self, prompt_ids: list[int], sampler, stats) -> int:
+        """Prefills the target and commits its first token."""
         n = len(prompt_ids)
         t0 = time.perf_counter()
         self._tokens[:n] = torch.as_tensor(prompt_ids, dtype=torch.long)
-        logits, _ = self.target.forward(self._tokens[:n], 0, logits_from=-1)
+        logits, _ = self._prefill(self.target, prompt_ids, logits_from=-1)
         self._tokens[n] = sampler.sample(logits[-1])
         self._seq_len = n + 1
         stats.prefill_s = time.perf_counter() - t0
         return int(self._tokens[n])
 
+    def _forward(self, decoder: Decoder, start: int, end: int, logits_from: int | None):
+        """`decoder` over tokens[start:end] at positions start..: a graph replay when CUDA graphs are on."""
+        if self._graphs is not None:
+            return self._graphs.forward(decoder, start, end, logits_from)
+        return decoder.forward(self._tokens[start:end], start, logits_from=logits_from)
+
     def _target_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
-        yield [self._prefill(prompt_ids, sampler, stats)]
+        yield [self._start(prompt_ids, sampler, stats)]
         while True:
             pos = self._seq_len - 1
-            logits, _ = self.target.forward(self._tokens[pos : pos + 1], pos)
+            logits, _ = self._forward(self.target, pos, pos + 1, 0)
             self._tokens[pos + 1] = sampler.sample(logits[-1])
             self._seq_len += 1
             yield [int(self._tokens[pos + 1])]
 
     def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
         target, draft, tokens = self.target, self.draft, self._tokens
-        first = self._prefill(prompt_ids, sampler, stats)
+        first = self._start(prompt_ids, sampler, stats)
         t0 = time.perf_counter()
-        draft.forward(tokens[: len(prompt_ids)], 0, logits_from=None)
+        self._prefill(draft, prompt_ids, logits_from=None)
         stats.prefill_s += time.perf_counter() - t0
         yield [first]
         draft_valid = len(prompt_ids)  # the draft's cache holds correct keys/values for [0, draft_valid)
@@ -202,23 +225,24 @@ class Engine:
         judge_bias = 0.0 if judge is None else float(judge.bias)
         verify_outs: dict[int, VerifyOutput] = {}  # per window size: the verify step writes the same buffers
         histogram: Counter[int] = Counter()
+        clock = _PhaseClock(target.device)
         while True:
             seq_len = self._seq_len
             k = min(window, target.max_seq_len - seq_len)
-            t0 = time.perf_counter()
+            clock.mark(0)
             # Draft k tokens into tokens[seq_len : seq_len + k]; with a draft-side judge, one more draft step
             # yields the hidden state at the last drafted token (and saves that step next cycle if all pass).
             draft_steps = k + 1 if need_draft_hidden else k
             for i in range(draft_steps):
                 begin = draft_valid if i == 0 else seq_len + i - 1
-                logits, hidden = draft.forward(tokens[begin : seq_len + i], begin, logits_from=-1)
+                logits, hidden = self._forward(draft, begin, seq_len + i, -1)
                 if i > 0 and need_draft_hidden:
                     draft_hidden[i - 1] = hidden[-1]
                 if i < k:
                     tokens[seq_len + i] = sampler.draft(logits[-1, :common_vocab], draft_probs, i)
             draft_end = seq_len + draft_steps - 1  # the draft processed every token before this position
-            t1 = time.perf_counter()
-            logits, hidden = target.forward(tokens[seq_len - 1 : seq_len + k], seq_len - 1)
+            clock.mark(1)
+            logits, hidden = self._forward(target, seq_len - 1, seq_len + k, 0)
             features = None
             if judge is not None:
                 target_hidden = hidden[1:].float()[None]
@@ -233,26 +257,53 @@ class Engine:
                 threshold=0.5 if threshold is None else threshold,
                 temperature=sampler.temperature,
                 draft_probs=None if draft_probs is None else draft_probs[:k][None],
+                # The kernel launches after the graph, not inside it, so a host int is a fresh argument
+                # every cycle; no device offset tensor is needed.
                 seed=sampler.seed, offset=stats.cycles,
                 out=verify_outs[k],
             )
-            # The cycle's one host sync: accepted count, next token and the drafted tokens, in one transfer.
-            host = torch.cat([result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]).tolist()
-            accepted, next_token, drafted = host[0], host[1], host[2:]
+            clock.mark(2)
+            # The cycle's one host sync: accepted count, next token, the drafted tokens and (with a judge) which
+            # of them only the judge accepted, in one transfer.
+            parts = [result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]
             if judge is not None:
-                rescued = (result.judge_ok[0, :accepted] & ~result.std_ok[0, :accepted]).sum()
-                stats.judge_rescues += int(rescued)
+                parts.append((result.judge_ok[0] & ~result.std_ok[0]).long())
+            host = torch.cat(parts).tolist()
+            accepted, next_token, drafted = host[0], host[1], host[2 : 2 + k]
+            if judge is not None:
+                stats.judge_rescues += sum(host[2 + k : 2 + k + accepted])
             tokens[seq_len + accepted] = next_token
             self._seq_len = seq_len + accepted + 1
             draft_valid = min(seq_len + accepted, draft_end)
-            stats.draft_s += t1 - t0
-            stats.verify_s += time.perf_counter() - t1
+            stats.draft_s += clock.seconds(0, 1)
+            stats.verify_s += clock.seconds(1, 2)
             stats.cycles += 1
             histogram[accepted] += 1
             stats.histogram = dict(sorted(histogram.items()))
             stats.accepted_per_cycle = sum(a * c for a, c in histogram.items()) / stats.cycles
             stats.tokens_per_cycle = stats.accepted_per_cycle + 1
             yield drafted[:accepted] + [next_token]
+
+
+class _PhaseClock:
+    """Phase boundaries of a cycle: CUDA events on a GPU, where host clocks would time the launches rather than
+    the work; perf_counter on CPU. Read after the cycle's host sync, so the events have completed and reading
+    them adds no sync."""
+
+    def __init__(self, device: torch.device, marks: int = 3):
+        self.cuda = device.type == "cuda"
+        self.marks = [torch.cuda.Event(enable_timing=True) if self.cuda else 0.0 for _ in range(marks)]
+
+    def mark(self, i: int):
+        if self.cuda:
+            self.marks[i].record()
+        else:
+            self.marks[i] = time.perf_counter()
+
+    def seconds(self, i: int, j: int) -> float:
+        if self.cuda:
+            return self.marks[i].elapsed_time(self.marks[j]) / 1e3
+        return self.marks[j] - self.marks[i]
 
 
 class _Sampler:

@@ -3,6 +3,11 @@
 Keys and values are written at the positions given to `forward` and attention looks at cache slots by
 position, so rolling back rejected draft tokens is free: the next cycle overwrites those slots.
 Parameter names match Hugging Face checkpoints, so state dicts load without renaming.
+
+Two attention backends, chosen once in `setup_cache`: "sdpa" (torch's scaled_dot_product_attention under a
+position mask, any device and dtype) and "flash" (flash-attn's `flash_attn_with_kvcache`, CUDA and bf16/fp16
+only, from the `gpu` extra). Each has its own cache layout: SDPA wants [B, H, S, D] so that a slot range is a
+view, flash-attn wants [B, S, H, D] and writes the new keys/values into it itself.
 """
 
 from __future__ import annotations
@@ -12,6 +17,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from autojudge.engine.config import ModelConfig
+from autojudge.errors import AutojudgeError
+
+ATTENTION_BACKENDS = ("sdpa", "flash")
+GPU_EXTRA_HINT = "pip install -e '.[gpu]'"
+
+
+def check_attention(attention: str, device, dtype: torch.dtype):
+    """Returns flash-attn's kernel for "flash" (None for "sdpa"); fails with the fix when it cannot run here."""
+    if attention not in ATTENTION_BACKENDS:
+        raise AutojudgeError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if attention == "sdpa":
+        return None
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        raise AutojudgeError(f"attention 'flash' needs the flash-attn package: {GPU_EXTRA_HINT}; "
+                             "or use attention 'sdpa'") from None
+    if torch.device(device).type != "cuda":
+        raise AutojudgeError(f"attention 'flash' runs on CUDA only, not {device}; use attention 'sdpa' "
+                             f"(on a GPU machine: --device cuda and {GPU_EXTRA_HINT})")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise AutojudgeError(f"attention 'flash' computes in bf16/fp16, not {dtype}; use --dtype bf16 or attention 'sdpa'")
+    return flash_attn_with_kvcache
 
 
 class RMSNorm(nn.Module):
@@ -34,9 +62,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+    def __init__(self, shape: tuple[int, ...], dtype, device):
         super().__init__()
-        shape = (batch, num_kv_heads, max_seq_len, head_dim)
+        # Zeros, not empty: masked slots are multiplied by exactly 0, which a stale NaN would survive.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -55,14 +83,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.flash_attn = None  # flash_attn_with_kvcache when the "flash" backend is set up
 
     def forward(self, x, cos, sin, positions, mask, kv_len: int):
+        """`mask`: SDPA's [T, kv_len] visibility; for flash, the int32 cache lengths [B] before these tokens."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if self.flash_attn is not None:
+            # Appends k/v at slot mask[b] and lets query i see slots <= mask[b] + i (bottom-right causal):
+            # the position mask's visibility, as positions are always consecutive from the cache length.
+            cache = self.kv_cache
+            out = self.flash_attn(q.transpose(1, 2), cache.k, cache.v, k=k.transpose(1, 2), v=v.transpose(1, 2),
+                                  cache_seqlens=mask, causal=True)
+            return self.o_proj(out.reshape(bsz, seqlen, -1))
         k_all, v_all = self.kv_cache.update(positions, k, v)
         out = F.scaled_dot_product_attention(
             q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=mask,
@@ -112,13 +149,18 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_seq_len = 0
+        self.attention = "sdpa"
 
-    def setup_cache(self, max_seq_len: int, batch: int = 1):
+    def setup_cache(self, max_seq_len: int, batch: int = 1, attention: str = "sdpa"):
         """Allocates the KV cache and the RoPE tables once; decoding never allocates them again."""
         param = self.lm_head.weight
         cfg = self.config
+        flash_attn = check_attention(attention, param.device, param.dtype)
+        shape = ((batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim) if flash_attn is not None
+                 else (batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim))
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, param.dtype, param.device)
+            layer.self_attn.kv_cache = KVCache(shape, param.dtype, param.device)
+            layer.self_attn.flash_attn = flash_attn
         inv_freq = cfg.rope_inv_freq().to(param.device)
         freqs = torch.outer(torch.arange(max_seq_len, device=param.device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -126,9 +168,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", emb.sin().to(param.dtype), persistent=False)
         self.register_buffer("cache_positions", torch.arange(max_seq_len, device=param.device), persistent=False)
         self.max_seq_len = max_seq_len
+        self.attention = attention
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, logits_from: int | None = 0):
         """tokens [B, T] at cache `positions` [T]; attends to cache slots [0, kv_len).
+
+        Any kv_len past the last position gives the same logits, since the mask zeroes the slots beyond it:
+        CUDA graphs pass max_seq_len, so no host value of the current length is baked into a recording.
+        The flash backend ignores kv_len (it reads the length off `positions` on the device), and needs
+        `positions` consecutive, as every caller passes them.
 
         Returns (logits [B, T', V] fp32 for the positions from index `logits_from` on, or None when it is None;
         hidden [B, T, D]: the last layer's output after the final norm).
@@ -136,8 +184,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos = self.rope_cos[positions][None, None]
         sin = self.rope_sin[positions][None, None]
-        # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
-        mask = self.cache_positions[:kv_len][None, :] <= positions[:, None]
+        if self.attention == "flash":
+            mask = positions[:1].to(torch.int32).repeat(tokens.shape[0])
+        else:
+            # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
+            mask = self.cache_positions[:kv_len][None, :] <= positions[:, None]
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, mask, kv_len)
         hidden = self.model.norm(x)

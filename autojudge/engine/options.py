@@ -18,6 +18,8 @@ def engine_options(fn):
     @click.option("--max-seq-len", default=4096, show_default=True, type=int, help="KV cache size in tokens.")
     @click.option("--kernels", type=click.Choice(["auto", "triton", "eager"]), default="auto", show_default=True,
                   help="Verify step: fused Triton kernel or eager torch reference.")
+    @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                  help="Replay the draft and verify forwards as CUDA graphs [default: on with --device cuda].")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -25,12 +27,12 @@ def engine_options(fn):
     return wrapper
 
 
-def engine_from_options(target, draft, device, dtype, max_seq_len, kernels):
+def engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs=None):
     from autojudge.engine.engine import Engine
 
     # Library log noise would bury the one-line errors and the streamed text.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return Engine.from_pretrained(
         target=target, draft=None if draft in (None, "none") else draft, device=device,
-        dtype=dtype, max_seq_len=max_seq_len, kernels=kernels,
+        dtype=dtype, max_seq_len=max_seq_len, kernels=kernels, cuda_graphs=cuda_graphs,
     )

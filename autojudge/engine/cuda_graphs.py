@@ -1,0 +1,81 @@
+"""CUDA graphs of the decode-time forwards: the draft's 1- and 2-token steps and the target's k+1-token verify.
+
+Why: a small model's decode step is hundreds of short kernels. Launched one by one from Python the GPU waits
+on the host between them; replayed as one recorded graph they run back to back.
+
+What a recording may not contain is any host value that changes between replays. So a graph reads its
+tokens from the engine's committed-token buffer at the positions `start + [0, t)`, with `start` a device
+buffer filled (asynchronously) before each replay; attention spans the whole cache (kv_len = max_seq_len)
+under the position mask, so no kernel shape depends on the current length either. One graph per
+(model, token count) serves every position; all of them share one memory pool, which is safe because they
+replay one at a time on one stream and each keeps its outputs alive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autojudge.engine.decoder import Decoder
+
+
+class GraphedForward:
+    """`decoder`'s forward over `tokens[start : start + t]` at positions start.., captured on first use."""
+
+    def __init__(self, decoder: Decoder, tokens: torch.Tensor, t: int, logits_from: int | None, pool):
+        self.model = decoder.model
+        self.tokens = tokens
+        self.logits_from = logits_from
+        self.pool = pool
+        self.start = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        self.offsets = torch.arange(t, device=tokens.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+
+    def _forward(self):
+        positions = self.start + self.offsets
+        return self.model(self.tokens[positions][None], positions, self.model.max_seq_len, self.logits_from)
+
+    def _capture(self):
+        # Warm up outside the recording (cuBLAS and SDPA choose kernels and allocate workspaces on first use),
+        # on a side stream as torch asks. The warm-up is the very step about to be replayed, so the cache
+        # slots it writes are written again with the same values.
+        current = torch.cuda.current_stream(self.tokens.device)
+        side = torch.cuda.Stream(self.tokens.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, hidden = self._forward()
+        self.logits = None if logits is None else logits[0]
+        self.hidden = hidden[0]
+        self.graph = graph
+
+    @torch.inference_mode()
+    def __call__(self, start: int):
+        """Runs the step at `start`; returns (logits [T', V] fp32 | None, hidden [T, D]), static buffers that
+        the next replay of this graph overwrites (stream order keeps every earlier reader safe)."""
+        self.start.fill_(start)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits, self.hidden
+
+
+class CudaGraphs:
+    """The engine's graphs, one per (decoder, token count, logits_from), all reading `tokens`."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[Decoder, int, int | None], GraphedForward] = {}
+
+    def forward(self, decoder: Decoder, start: int, end: int, logits_from: int | None):
+        """Same results as `decoder.forward(tokens[start:end], start, logits_from)`."""
+        key = (decoder, end - start, logits_from)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = GraphedForward(decoder, self.tokens, end - start, logits_from, self.pool)
+        return graph(start)
