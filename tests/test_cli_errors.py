@@ -107,3 +107,15 @@ def test_subprocess_error_has_no_traceback():
 def test_help(args):
     code, output, _ = _run(args)
     assert code == 0 and "Usage" in output
+
+
+def test_autojudge_mode_without_shipped_judge(tiny_pair):
+    target, draft = tiny_pair
+    _assert_clean_error(["generate", "hi", "--target", str(target), "--draft", str(draft), "--mode", "autojudge",
+                         "--judge", "default"], "no default judge")
+
+
+def test_judge_options_need_a_judge_mode(tiny_pair):
+    target, draft = tiny_pair
+    _assert_clean_error(["generate", "hi", "--target", str(target), "--draft", str(draft), "--threshold", "0.3"],
+                        "--judge/--threshold/--recall")

@@ -74,3 +74,18 @@ def test_sequence_past_cache_is_refused(tiny_qwen):
     ours = _ours(tiny_qwen, max_seq_len=16)
     with pytest.raises(AutojudgeError, match="max-seq-len"):
         ours.forward(torch.arange(17), 0)
+
+
+def test_teacher_forced_from_a_cached_prefix(tiny_qwen):
+    ours = _ours(tiny_qwen)
+    ids = list(range(3, 60))
+    full_logits, full_hidden = ours.teacher_forced(ids)
+    ours.teacher_forced(ids[:40] + [1, 2, 3])  # the cache now shares 40 tokens with ids
+    assert ours.reusable_prefix(ids) == 40
+    logits, hidden = ours.teacher_forced(ids, start=45)
+    assert logits.shape[0] == len(ids) - 45
+    assert torch.allclose(logits, full_logits[45:], atol=TOL) and torch.allclose(hidden, full_hidden[45:], atol=TOL)
+    logits, _ = ours.teacher_forced(ids, start=20)  # before the end of the shared prefix: recompute from 20
+    assert torch.allclose(logits, full_logits[20:], atol=TOL)
+    with pytest.raises(ValueError):
+        ours.teacher_forced(ids, start=len(ids))

@@ -70,8 +70,14 @@ class Decoder:
         cached = self._cached_tokens[:n].tolist()
         return next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), n)
 
-    def teacher_forced(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh pass over a whole sequence from position 0: (logits [T, V] fp32, hidden [T, D] fp32)."""
-        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        logits, hidden = self.forward(tokens, 0)
-        return logits, hidden.float()
+    def teacher_forced(self, ids, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [T - start, V] fp32 and hidden [T - start, D] fp32 for positions start.. of the sequence
+        `ids` (logits row t predicts token t + 1). With start > 0 only what the cache does not already
+        hold for this prefix is recomputed; start = 0 is a fresh pass over everything."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if not 0 <= start < len(ids):
+            raise ValueError(f"start {start} outside a sequence of {len(ids)} tokens")
+        begin = min(self.reusable_prefix(ids), start)
+        tokens = torch.as_tensor(ids[begin:], dtype=torch.long, device=self.device)
+        logits, hidden = self.forward(tokens, begin)
+        return logits[start - begin :], hidden[start - begin :].float()

@@ -116,8 +116,8 @@ class Miner:
     def _verify(self, context: list[int], proposal: list[int], cost: Cost) -> tuple[int, list[int]]:
         """One teacher-forced target pass over context + proposal: (tokens kept, kept + the target's next)."""
         proposal = proposal[: self.max_seq_len - len(context) - 1]
-        logits, _ = self.engine.target.teacher_forced(context + proposal)
-        greedy = logits[len(context) - 1 :].argmax(-1).tolist()
+        logits, _ = self.engine.target.teacher_forced(context + proposal, start=len(context) - 1)
+        greedy = logits.argmax(-1).tolist()
         accepted = next((i for i, (p, g) in enumerate(zip(proposal, greedy)) if p != g), len(proposal))
         cost.target_forwards += 1
         cost.target_positions += len(context) + len(proposal)
@@ -142,12 +142,15 @@ class Miner:
 
     # ------------------------------------------------------------------ mining
 
-    def _draft_predictions(self, ids: list[int], cost: Cost) -> list[int | None]:
-        """Entry p is the draft's greedy token for position p given ids[:p]."""
-        logits, _ = self.engine.draft.teacher_forced(ids)
+    def _draft_predictions(self, ids: list[int], first: int, cost: Cost) -> list[int | None]:
+        """Entry p >= first is the draft's greedy token for position p given ids[:p]; earlier entries are None.
+
+        Only positions from `first` on are needed, so the draft reuses its cached keys/values before that.
+        """
+        logits, _ = self.engine.draft.teacher_forced(ids, start=first - 1)
         cost.draft_forwards += 1
-        cost.draft_positions += len(ids)
-        return [None] + logits[:, : self.common_vocab].argmax(-1).tolist()[:-1]
+        cost.draft_positions += len(ids) - first + 1
+        return [None] * first + logits[:, : self.common_vocab].argmax(-1).tolist()[:-1]
 
     def _check(self, problem: Problem, response: list[int], cost: Cost):
         t0 = time.perf_counter()
@@ -163,7 +166,7 @@ class Miner:
         ref = self._check(problem, answer, cost)
         cur, left, preds, labels = prompt_ids + answer, n0, None, []
         while True:
-            preds = preds or self._draft_predictions(cur, cost)
+            preds = preds or self._draft_predictions(cur, left, cost)
             p = next((q for q in range(left, len(cur)) if cur[q] != preds[q]), None)
             if p is None:
                 break
