@@ -2,6 +2,7 @@
 
     pytest bench/bench_verify.py              # pytest-benchmark, one row per case and implementation
     python bench/bench_verify.py --table      # Markdown table of median microseconds per step
+    python bench/bench_verify.py --table --impls triton,eager   # skip torch.compile (minutes of compiling)
 
 Every timed call is one whole step as the engine sees it: the eager and compiled references end by
 reading ``num_accepted`` on the host (the sync they force on the engine); the Triton step ends with
@@ -190,7 +191,7 @@ def test_verify_step(benchmark, case, impl):
 # ---- script mode ----------------------------------------------------------------------------
 
 
-def table(reps: int) -> str:
+def table(reps: int, impls: tuple[str, ...] = IMPLS) -> str:
     device = torch.device("cuda" if ON_CUDA else "cpu")
     lines = []
     if ON_CUDA:
@@ -199,11 +200,11 @@ def table(reps: int) -> str:
                      f"empty Triton launch {launch:.1f} us\n")
     else:
         lines.append(CPU_NOTE + "\n")
-    head = "| case | triton us | eager us | compiled us | MB moved |" + (" floor us |" if ON_CUDA else "")
+    head = "| case | " + " | ".join(f"{impl} us" for impl in impls) + " | MB moved |" + (" floor us |" if ON_CUDA else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for case in cases():
         inputs = make_inputs(case, device)
-        fns = [step_fn(impl, inputs) for impl in IMPLS]
+        fns = [step_fn(impl, inputs) for impl in impls]
         cells = ["n/a" if fn is None else f"{median_us(fn, reps):.1f}" for fn in fns]
         row = f"| {case.name} | " + " | ".join(cells) + f" | {bytes_moved(case) / 1e6:.2f} |"
         if ON_CUDA:
@@ -216,10 +217,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", action="store_true", help="print a Markdown table of median us per step")
     parser.add_argument("--reps", type=int, default=100 if ON_CUDA else 3)
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     args = parser.parse_args()
     if not args.table:
         parser.error("nothing to do: pass --table (or run the file under pytest)")
-    print(table(args.reps))
+    impls = tuple(args.impls.split(","))
+    if not impls or not set(impls) <= set(IMPLS):
+        parser.error(f"--impls takes a subset of {','.join(IMPLS)}")
+    print(table(args.reps, impls))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache(nn.Module):
     def __init__(self, shape: tuple[int, ...], dtype, device):
         super().__init__()
-        # Zeros, not empty: masked slots are multiplied by exactly 0, which a stale NaN would survive.
+        # Zeros, not empty: a masked slot gets weight exactly 0, but 0 * NaN from stale memory is still NaN.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

@@ -81,9 +81,9 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
               help="Chat prompt with '{question}' where the problem goes [default: per task].")
 @click.option("--speculative/--no-speculative", default=True, show_default=True,
               help="Generate continuations by lossless speculative decoding.")
-@click.option("--reuse-continuation/--no-reuse-continuation", default=False, show_default=True,
-              help="Try the previous continuation as a free draft after each swap (exact; fewer generated "
-                   "tokens, but its checks reprocess the whole sequence).")
+@click.option("--reuse-continuation/--no-reuse-continuation", default=True, show_default=True,
+              help="Try the previous continuation as a free draft after each swap (exact; each check runs "
+                   "only the new tokens past the cached prefix).")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
