@@ -49,10 +49,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def read_label_rows(path: Path) -> list[dict]:
-    """Mismatch rows of an `autojudge mine` file; per-problem records are skipped."""
+    """Mismatch rows of an `autojudge mine` file; its meta and per-problem records are skipped."""
     rows = []
     for lineno, row in read_jsonl(path):
-        if row.get("kind") == "problem":
+        if row.get("kind", "label") != "label":
             continue
         missing = [k for k in LABEL_KEYS if k not in row]
         if missing:
