@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,8 @@ import torch
 ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
+
+from timing import device_bandwidth, median_ms  # noqa: E402
 
 from autojudge.kernels import VerifyOutput, verify, verify_reference  # noqa: E402
 
@@ -124,29 +125,7 @@ def step_fn(impl: str, inputs: dict):
 
 
 def median_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if ON_CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
-
-
-def device_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = median_us(lambda: dst.copy_(src), 10) / 1e6
-    return 2 * src.numel() / seconds
+    return median_ms(fn, reps) * 1e3
 
 
 def empty_launch_us() -> float:

@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import device_bandwidth, median_ms  # noqa: E402
 
 from autojudge.engine.cuda_graphs import CudaGraphs  # noqa: E402
 from autojudge.engine.engine import Engine  # noqa: E402
@@ -74,36 +75,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def median_ms(fn, reps: int, flush=None) -> float:
-    """Median wall time of fn() in ms: CUDA events on a GPU (from an idle stream, so launch gaps count)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        if flush is not None:
-            flush()
-        sync()
-        if ON_CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def ceilings() -> tuple[float | None, float | None]:
     """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), measured; None on CPU."""
     if not ON_CUDA:
         return None, None
-    src = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / (median_ms(lambda: dst.copy_(src), 10) / 1e3)
+    bandwidth = device_bandwidth()
     n = 8192
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
