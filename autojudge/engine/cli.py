@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from autojudge.engine.engine import MAX_WINDOW, MODES
+from autojudge.engine.engine import MAX_WINDOW, MODES, check_window
 from autojudge.engine.options import engine_from_options, engine_options
 from autojudge.errors import AutojudgeError
 
@@ -34,8 +34,8 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
         raise AutojudgeError("empty prompt: pass text as an argument or on stdin")
     if mode != "target" and draft == "none":
         raise AutojudgeError(f"mode {mode!r} needs a draft model; drop --draft none or use --mode target")
-    if not 1 <= window <= MAX_WINDOW and mode != "target":
-        raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+    if mode != "target":
+        check_window(window)
     engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels,
                                  cuda_graphs)
     judge, threshold = _judge_for(engine, mode, judge_path, threshold, recall)

@@ -77,7 +77,7 @@ class Decoder:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         if not 0 <= start < len(ids):
             raise ValueError(f"start {start} outside a sequence of {len(ids)} tokens")
-        begin = min(self.reusable_prefix(ids), start)
+        begin = min(self.reusable_prefix(ids), start) if start > 0 else 0  # start 0 needs no cache lookup
         tokens = torch.as_tensor(ids[begin:], dtype=torch.long, device=self.device)
         logits, hidden = self.forward(tokens, begin)
         return logits[start - begin :], hidden[start - begin :].float()

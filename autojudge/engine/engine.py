@@ -20,6 +20,12 @@ MODES = ("target", "speculative", "autojudge", "judge")
 MAX_WINDOW = 64
 
 
+def check_window(window: int):
+    """Shared by the CLI commands, which check before loading any model, and the engine."""
+    if not 1 <= window <= MAX_WINDOW:
+        raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+
+
 @dataclass
 class GenerationStats:
     mode: str
@@ -131,8 +137,7 @@ class Engine:
         if mode != "target":
             if self.draft is None:
                 raise AutojudgeError(f"mode {mode!r} needs a draft model; pass --draft")
-            if not 1 <= window <= MAX_WINDOW:
-                raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+            check_window(window)
         if mode in ("autojudge", "judge"):
             if judge is None:
                 raise AutojudgeError(f"mode {mode!r} needs a judge; pass --judge PATH or --judge default")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autojudge.engine.engine import MAX_WINDOW, MODES
+from autojudge.engine.engine import MODES, check_window
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import load_judge_for_engine
 from autojudge.mining.checkers import gsm8k_checker, humaneval_checker
@@ -63,8 +63,8 @@ def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, 
         raise AutojudgeError(f"mode {judged[0]!r} needs a judge; pass --judge PATH (or drop it from --modes)")
     if has_judge and not judged:
         raise AutojudgeError("--judge applies to modes autojudge and judge; add one to --modes or drop --judge")
-    if modes != ["target"] and not 1 <= window <= MAX_WINDOW:
-        raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+    if modes != ["target"]:
+        check_window(window)
     if max_new_tokens < 1:
         raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
