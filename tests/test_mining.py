@@ -222,6 +222,16 @@ def test_cli_errors(tiny_pair, dataset, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_cli_resume_refuses_another_precision(tiny_pair, dataset, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    first = CliRunner().invoke(mine, _args(tiny_pair, dataset, out, "--limit", "1", "--dtype", "fp32"))
+    assert first.exit_code == 0, first.output
+    assert read_rows(out, "meta")[0]["dtype"] == "float32"
+    result = CliRunner().invoke(mine, _args(tiny_pair, dataset, out, "--limit", "2", "--dtype", "bf16", "--resume"))
+    assert isinstance(result.exception, AutojudgeError) and "dtype differ" in str(result.exception)
+    assert len(read_rows(out, "problem")) == 1
+
+
 def _spawn(args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
            "AUTOJUDGE_QUIET": "1"}

@@ -44,6 +44,10 @@ class Decoder:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
     @cached_property
     def fingerprint(self) -> str:
         """Identifies the architecture and vocabulary a judge was trained on (not the exact weights)."""
