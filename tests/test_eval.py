@@ -225,7 +225,8 @@ def _tiny_judge(tmp_path, target_dir):
     y = (x[:, 0] + 0.5 * torch.randn(200, generator=g) > 0).float()
     res = train_judge(x, y, [f"p{i // 10}" for i in range(200)])
     meta = {"kind": "autojudge", "setup": "DT", "hidden_sizes": {"target": dec.config.hidden_size},
-            "fingerprints": {"target": dec.fingerprint}, "models": {"target": dec.name}}
+            "fingerprints": {"target": dec.fingerprint}, "models": {"target": dec.name},
+            "dtypes": {"target": "float32"}}
     save_judge(tmp_path / "judge", res, meta)
     return tmp_path / "judge", res.thresholds["recall"]
 

@@ -72,6 +72,15 @@ def test_cache_is_keyed_and_reused(eng, tmp_path):
     assert load_features(path4).meta["fingerprints"] == {"target": eng.target.fingerprint}
 
 
+def test_cache_made_in_fp32_is_not_reused_in_bf16(eng, tiny_qwen, tmp_path):
+    labels = write_jsonl(tmp_path / "labels.jsonl", label_rows(3))
+    fp32, path, _ = feature_set(eng, labels=labels, setup="DT")
+    bf16_eng = Engine.from_pretrained(target=str(tiny_qwen), draft=None, max_seq_len=256, dtype="bf16")
+    bf16, path_bf16, reused = feature_set(bf16_eng, labels=labels, setup="DT")
+    assert not reused and path_bf16 != path and bf16.meta["dtypes"] == {"target": "bfloat16"}
+    assert torch.allclose(bf16.features, fp32.features, atol=0.1) and not torch.equal(bf16.features, fp32.features)
+
+
 @pytest.mark.parametrize(
     "first_error, expected",
     [(None, [1, 1, 1, 1]), (0, [0, 0, 0, 0]), (4, [1, 0, 0, 0]), (3, [1, 0, 0, 0]), (6, [1, 1, 0, 0]), (9, [1, 1, 1, 1])],

@@ -30,6 +30,7 @@ def trained(setup="DD-DT", seed=0):
         "kind": "autojudge", "setup": setup, "hidden_sizes": sizes,
         "fingerprints": {"draft": DRAFT.fingerprint, "target": TARGET.fingerprint},
         "models": {"draft": DRAFT.name, "target": TARGET.name},
+        "dtypes": {"draft": "float32", "target": "float32"},
     }
     return x, res, meta
 

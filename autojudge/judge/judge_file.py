@@ -54,6 +54,7 @@ def save_judge(stem: str | Path, result: TrainResult, feature_meta: dict) -> tup
         "hidden_sizes": feature_meta["hidden_sizes"],
         "fingerprints": feature_meta["fingerprints"],
         "models": feature_meta["models"],
+        "dtypes": feature_meta["dtypes"],
         "score": "p_important = sigmoid(features @ weight + bias); accept a mismatch when p_important < threshold",
         "thresholds": result.thresholds,
         "default_threshold": result.default_threshold,

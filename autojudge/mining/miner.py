@@ -20,9 +20,13 @@ from autojudge.mining.datasets import Problem
 
 # A previous continuation is proposed again when its n-gram matches the end of the new text.
 _NGRAMS = (4, 3, 2)
-# Tokens generated before the first attempt to rejoin the previous continuation; each chunk costs a
-# prefill, so chunks double while the texts stay apart.
-_FIRST_CHUNK = 16
+# Tokens generated before the next attempt to rejoin the previous continuation; each chunk costs a
+# prefill, so chunks double while the texts stay apart and start small again once they meet.
+_FIRST_CHUNK = 8
+# Tokens of the previous continuation checked in one target pass; doubled while accepted whole. A pass
+# costs a fixed part plus a part per token, so a long proposal that parts after a few tokens wastes most
+# of its pass (bf16 on the 2-core CPU: ~150 ms + ~8 ms a token, bench/RESULTS.md).
+_FIRST_PROPOSAL = 32
 
 
 @dataclass(frozen=True)
@@ -76,15 +80,28 @@ class Miner:
         t0 = time.perf_counter()
         hint = hint if self.options.reuse_continuation else []
         out: list[int] = []
-        cursor, propose, chunk = 0, bool(hint), _FIRST_CHUNK if hint else budget
+        # `follow`: the hint goes on at `cursor` (as at the start); otherwise it is looked up by n-gram.
+        cursor, propose, follow = 0, bool(hint), True
+        chunk, proposal = (_FIRST_CHUNK if hint else budget), _FIRST_PROPOSAL
         while not self._finished(prefix, out, budget):
-            start = (0 if not out else self._rejoin(hint, prefix + out, cursor)) if propose else None
-            if start is not None:
-                accepted, new = self._verify(prefix + out, hint[start:budget - len(out) + start], cost)
+            start = None
+            if propose:
+                start = cursor if follow else self._rejoin(hint, prefix + out, cursor)
+            if start is not None and start < len(hint):
+                piece = hint[start : start + min(proposal, budget - len(out))]
+                accepted, new = self._verify(prefix + out, piece, cost)
+                whole = accepted == len(piece)
+                proposal = proposal * 2 if whole else _FIRST_PROPOSAL
                 cursor = start + accepted
+                # After a whole piece the target's next token may simply be the hint's next one.
+                follow = whole and cursor < len(hint) and new[-1] == hint[cursor]
+                cursor += follow
                 # A miss at once means the texts parted again: generate a while before looking again.
                 propose = accepted > 0
+                if accepted:
+                    chunk = _FIRST_CHUNK
             else:
+                follow = False
                 new = self._generate(prefix + out, min(chunk, budget - len(out)), cost)
                 propose, chunk = bool(hint), chunk * 2
                 if not new:
