@@ -49,3 +49,27 @@ def test_speculative_equals_target_equals_transformers(engine, capsys):
             print(f"\n[default pair] accepted/cycle {spec.stats.accepted_per_cycle:.2f} "
                   f"histogram {spec.stats.histogram} target {target.stats.tokens_per_second:.2f} tok/s "
                   f"speculative {spec.stats.tokens_per_second:.2f} tok/s :: {spec.text[:60]!r}")
+
+
+def test_shipped_judge_rescues_are_the_only_departures_from_the_target(engine):
+    """Mode autojudge with `--judge default`: every emitted token is the target's greedy choice for the text
+    before it, except exactly the draft tokens the judge kept (stats.judge_rescues)."""
+    from autojudge.judge.judge_file import load_judge_for_engine
+
+    judge = load_judge_for_engine("default", engine, "autojudge")
+    tau = judge.threshold_for()
+    rescued = 0
+    for question in gsm8k_test_questions(2):
+        ids = engine.encode_prompt(question)
+        out = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="autojudge", window=16, judge=judge,
+                              threshold=tau, ignore_eos=True)
+        logits, _ = engine.target.teacher_forced(ids + out.token_ids)
+        greedy = logits[len(ids) - 1 : -1].argmax(-1).tolist()
+        departures = sum(g != t for g, t in zip(greedy, out.token_ids))
+        assert departures == out.stats.judge_rescues
+        rescued += out.stats.judge_rescues
+        quiet = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="autojudge", window=16, judge=judge,
+                                threshold=0.0, ignore_eos=True)
+        spec = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="speculative", window=16, ignore_eos=True)
+        assert quiet.token_ids == spec.token_ids and quiet.stats.judge_rescues == 0
+    print(f"\n[default judge] tau {tau:.3f}: {rescued} rescues in 2 x {NEW_TOKENS} tokens")

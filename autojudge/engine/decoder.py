@@ -45,8 +45,9 @@ class Decoder:
         return self.model.lm_head.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+    def precision(self) -> str:
+        """The weights' dtype as files record it: 'float32', 'bfloat16', ..."""
+        return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
 
     @cached_property
     def fingerprint(self) -> str:

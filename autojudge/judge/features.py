@@ -178,7 +178,7 @@ def describe(eng, source: Path, kind: str, setup: str) -> dict:
         "hidden_sizes": {b: d.config.hidden_size for b, d in decs.items()},
         "fingerprints": {b: d.fingerprint for b, d in decs.items()},
         # Hidden states computed in bf16 differ from fp32 ones; a cache made in one is stale for the other.
-        "dtypes": {b: str(d.dtype).removeprefix("torch.") for b, d in decs.items()},
+        "dtypes": {b: d.precision for b, d in decs.items()},
     }
     meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
     meta["models"] = {b: d.name for b, d in decs.items()}

@@ -101,7 +101,7 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
         "target": engine.target.name, "target_fingerprint": engine.target.fingerprint,
         "draft": engine.draft.name, "draft_fingerprint": engine.draft.fingerprint,
         # Greedy answers (so labels) shift with precision: fp32 and bf16 rows must not share a file.
-        "dtype": str(engine.target.dtype).removeprefix("torch."),
+        "dtype": engine.target.precision,
         "dataset": dataset, "split": split, "max_new_tokens": max_new_tokens,
         "prompt_template": prompt_template, "checker": checker_spec or task,
     }
