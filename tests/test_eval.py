@@ -226,7 +226,7 @@ def _tiny_judge(tmp_path, target_dir):
     res = train_judge(x, y, [f"p{i // 10}" for i in range(200)])
     meta = {"kind": "autojudge", "setup": "DT", "hidden_sizes": {"target": dec.config.hidden_size},
             "fingerprints": {"target": dec.fingerprint}, "models": {"target": dec.name},
-            "dtypes": {"target": "float32"}}
+            "dtypes": {"target": "float32"}, "source": "labels.jsonl", "source_sha256": "0" * 64}
     save_judge(tmp_path / "judge", res, meta)
     return tmp_path / "judge", res.thresholds["recall"]
 

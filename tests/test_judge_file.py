@@ -31,6 +31,7 @@ def trained(setup="DD-DT", seed=0):
         "fingerprints": {"draft": DRAFT.fingerprint, "target": TARGET.fingerprint},
         "models": {"draft": DRAFT.name, "target": TARGET.name},
         "dtypes": {"draft": "float32", "target": "float32"},
+        "source": "labels.jsonl", "source_sha256": "0" * 64,
     }
     return x, res, meta
 
@@ -94,3 +95,24 @@ def test_vllm_export(tmp_path):
     torch.testing.assert_close(torch.sigmoid(torch.from_numpy(z)), res.head.predict_proba(x))
     with pytest.raises(AutojudgeError, match="--setup DT"):
         export_vllm(tmp_path / "k.pkl", res, "DD-DT")
+
+
+def test_shipped_default_judge_is_for_the_mined_default_pair():
+    """The judge in the package was trained on the committed default-pair labels: same models, sizes, precision."""
+    from importlib import resources
+    from pathlib import Path
+
+    shipped = Path(str(resources.files("autojudge") / "judges" / "default"))
+    meta = json.loads(judge_paths(shipped)[1].read_text())
+    labels = Path(__file__).parents[1] / "data" / "mined" / "default" / meta["trained_on"]["file"]
+    mined = json.loads(labels.read_text().splitlines()[0])
+    assert meta["kind"] == "autojudge" and meta["setup"] == "DD-DT"
+    assert meta["hidden_sizes"] == {"draft": 896, "target": 1536}
+    assert meta["fingerprints"] == {"draft": mined["draft_fingerprint"], "target": mined["target_fingerprint"]}
+    assert meta["dtypes"] == {"draft": mined["dtype"], "target": mined["dtype"]}
+    dec = {b: fake_dec(meta["fingerprints"][b], meta["hidden_sizes"][b], b) for b in ("draft", "target")}
+    judge = load_judge(shipped, target=dec["target"], draft=dec["draft"])
+    assert judge.weight.shape == (896 + 1536,) and torch.isfinite(judge.weight).all()
+    assert all(0.0 < tau <= 1.0 for tau in judge.thresholds["recall"].values())
+    # Mining goes on appending to the file after the judge is trained, never rewriting what it held.
+    assert meta["report"]["rows"] <= sum(1 for line in labels.read_text().splitlines() if '"kind": "label"' in line)

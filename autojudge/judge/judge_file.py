@@ -55,6 +55,7 @@ def save_judge(stem: str | Path, result: TrainResult, feature_meta: dict) -> tup
         "fingerprints": feature_meta["fingerprints"],
         "models": feature_meta["models"],
         "dtypes": feature_meta["dtypes"],
+        "trained_on": {"file": Path(feature_meta["source"]).name, "sha256": feature_meta["source_sha256"]},
         "score": "p_important = sigmoid(features @ weight + bias); accept a mismatch when p_important < threshold",
         "thresholds": result.thresholds,
         "default_threshold": result.default_threshold,
