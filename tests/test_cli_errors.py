@@ -109,10 +109,10 @@ def test_help(args):
     assert code == 0 and "Usage" in output
 
 
-def test_autojudge_mode_without_shipped_judge(tiny_pair):
+def test_shipped_judge_refuses_other_models(tiny_pair):
     target, draft = tiny_pair
     _assert_clean_error(["generate", "hi", "--target", str(target), "--draft", str(draft), "--mode", "autojudge",
-                         "--judge", "default"], "no default judge")
+                         "--judge", "default"], "was trained for draft default-draft")
 
 
 def test_judge_options_need_a_judge_mode(tiny_pair):

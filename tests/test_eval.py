@@ -204,7 +204,7 @@ def _assert_clean_error(args, needle):
     (["--modes", "target,turbo"], "--modes"),
     (["--modes", "autojudge"], "needs a judge"),
     (["--modes", "autojudge", "--judge", "j", "--thresholds", "0.2,1.5"], "(0, 1]"),
-    (["--modes", "autojudge", "--judge", "default"], "no default judge"),
+    (["--modes", "autojudge", "--judge", "default"], "needs a draft model (default-draft"),
     (["--limit", "0"], "--limit"),
 ])
 def test_cli_bad_input(tmp_path, dataset, fake, extra, needle):
