@@ -7,7 +7,7 @@ swapped sequence becomes the current one; otherwise it is important and the sequ
 
 Continuations dominate the cost. Two exact tricks, both switchable: lossless speculative decoding, and
 the previous continuation as a free draft (after a swap the old text often still fits, at once or after
-a few tokens), verified with one teacher-forced target pass.
+a few tokens), verified by teacher-forced target passes over pieces that grow while they fit.
 """
 
 from __future__ import annotations
