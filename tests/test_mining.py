@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from autojudge.mining.store import LabelStore, read_rows
 
 TESTS = Path(__file__).parent
 MAX_SEQ_LEN = 256
-MINING = MiningOptions(max_new_tokens=28, speculative=True, reuse_continuation=True)
+# Random-weight models seldom stop, and parity reads any text, so the tests label answers the budget cuts.
+MINING = MiningOptions(max_new_tokens=28, speculative=True, reuse_continuation=True, skip_truncated=False)
 
 
 def parity(problem, text):
@@ -103,10 +105,35 @@ def test_labels_follow_the_greedy_algorithm(mined):
 
 @pytest.mark.parametrize("speculative, reuse", [(False, False), (True, False), (False, True)])
 def test_speed_tricks_do_not_change_labels(engine, mined, speculative, reuse):
-    options = MiningOptions(MINING.max_new_tokens, speculative=speculative, reuse_continuation=reuse)
-    results = _mine(engine, options)
+    results = _mine(engine, replace(MINING, speculative=speculative, reuse_continuation=reuse))
     assert _labels(results) == _labels(mined)
     assert (sum(r.cost.reused_tokens for r in results) > 0) == reuse
+
+
+def test_an_answer_cut_by_the_budget_gets_no_labels(engine, mined):
+    results = _mine(engine, replace(MINING, skip_truncated=True))
+    for result, labelled in zip(results, mined):
+        assert labelled.record["truncated"] and labelled.labels
+        assert result.record["truncated"] and result.labels == [] and result.record["n_mismatches"] == 0
+        assert result.record["answer_ids"] == labelled.record["answer_ids"]
+        # Nothing beyond the answer itself was paid for: no draft pass over it, no continuation.
+        assert result.cost.generated_tokens == MINING.max_new_tokens and result.cost.verify_passes == 0
+
+
+def test_an_answer_that_ends_is_labelled_whatever_the_truncation_policy(engine, monkeypatch):
+    def late_end(problem):
+        """(prompt, answer, index of the last token the answer shows for the first time)."""
+        prompt = engine.encode_prompt(problem.question)
+        answer = engine.generate(prompt, max_new_tokens=MINING.max_new_tokens, mode="target").token_ids
+        return prompt, answer, max(i for i in range(len(answer)) if answer[i] not in answer[:i])
+
+    problem, (prompt, answer, end) = max(((p, late_end(p)) for p in _problems(4)), key=lambda pe: pe[1][2])
+    monkeypatch.setattr(engine, "eos_token_ids", frozenset({answer[end]}))
+    skip, keep = (Miner(engine, parity, replace(MINING, skip_truncated=policy)).mine(problem, prompt)
+                  for policy in (True, False))
+    assert skip.record["answer_ids"] == answer[: end + 1] and not skip.record["truncated"]
+    assert skip.labels, "no mismatch before the chosen end: the test needs another problem"
+    assert skip.labels == keep.labels
 
 
 # ---------------------------------------------------------------------------- store
@@ -176,7 +203,7 @@ def _args(tiny_pair, dataset, out, *extra):
     target, draft = tiny_pair
     return ["--target", str(target), "--draft", str(draft), "--max-seq-len", str(MAX_SEQ_LEN),
             "--dataset", str(dataset), "--out", str(out), "--max-new-tokens", "24",
-            "--reuse-continuation", "--checker", "test_mining:parity", *extra]
+            "--reuse-continuation", "--label-truncated", "--checker", "test_mining:parity", *extra]
 
 
 def _comparable(path):

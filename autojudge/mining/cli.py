@@ -48,7 +48,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
                options: MiningOptions) -> dict:
     miner = Miner(engine, checker, options)
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
-    totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "target_forwards": 0}
+    totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "truncated": 0, "target_forwards": 0}
     with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar:
         for problem, prompt_ids in todo:
             result = miner.mine(problem, prompt_ids)
@@ -57,8 +57,9 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
             totals["labels"] += len(result.labels)
             totals["important"] += result.record["n_important"]
             totals["correct"] += result.record["correct"]
+            totals["truncated"] += result.record["truncated"]
             totals["target_forwards"] += result.cost.target_forwards
-            bar.set_postfix(labels=totals["labels"], refresh=False,
+            bar.set_postfix(labels=totals["labels"], truncated=totals["truncated"], refresh=False,
                             important=f"{totals['important'] / max(totals['labels'], 1):.2f}")
             bar.update(1)
     return totals
@@ -84,10 +85,13 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
 @click.option("--reuse-continuation/--no-reuse-continuation", default=True, show_default=True,
               help="Try the previous continuation as a free draft after each swap (exact; each check runs "
                    "only the new tokens past the cached prefix).")
+@click.option("--skip-truncated/--label-truncated", default=True, show_default=True,
+              help="Leave unlabelled a problem whose answer hits --max-new-tokens before it ends: it has no "
+                   "final answer for swaps to keep or change.")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
-         speculative, reuse_continuation, checker_spec, **engine_kwargs):
+         speculative, reuse_continuation, skip_truncated, checker_spec, **engine_kwargs):
     """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
     shard = parse_shard(shard)
     split = split or ("test" if dataset == "humaneval" else "train")
@@ -103,14 +107,15 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
         # Greedy answers (so labels) shift with precision: fp32 and bf16 rows must not share a file.
         "dtype": engine.target.precision,
         "dataset": dataset, "split": split, "max_new_tokens": max_new_tokens,
-        "prompt_template": prompt_template, "checker": checker_spec or task,
+        "prompt_template": prompt_template, "checker": checker_spec or task, "skip_truncated": skip_truncated,
     }
     options = MiningOptions(max_new_tokens=max_new_tokens, window=window, speculative=speculative,
-                            reuse_continuation=reuse_continuation)
+                            reuse_continuation=reuse_continuation, skip_truncated=skip_truncated)
     prompts = [engine.encode_prompt(build_messages(p, prompt_template)) for p in problems]
     _check_fits(problems, prompts, max_new_tokens, engine.target.max_seq_len)
     with LabelStore(out, meta, resume) as store:
         totals = run_mining(engine, problems, prompts, checker, store, options)
     ratio = totals["important"] / max(totals["labels"], 1)
     click.echo(f"mined {totals['problems']} problems: {totals['labels']} labels, {ratio:.1%} important, "
-               f"target correct on {totals['correct']}, {totals['target_forwards']} target forwards -> {out}")
+               f"target correct on {totals['correct']}, {totals['truncated']} answers cut by the budget, "
+               f"{totals['target_forwards']} target forwards -> {out}")

@@ -3,7 +3,8 @@
 For a problem, the target answers greedily; then, left to right, the first position where the draft's
 greedy prediction differs from the current sequence is swapped to the draft token and the target
 continues greedily from there. If the checker's outcome is unchanged the mismatch is unimportant and the
-swapped sequence becomes the current one; otherwise it is important and the sequence is kept.
+swapped sequence becomes the current one; otherwise it is important and the sequence is kept. An answer
+the token budget cuts off has no final answer to keep or change, so by default its problem gets no labels.
 
 Continuations dominate the cost. Two exact tricks, both switchable: lossless speculative decoding, and
 the previous continuation as a free draft (after a swap the old text often still fits, at once or after
@@ -37,6 +38,9 @@ class MiningOptions:
     # The previous continuation as a free draft: its checks run from the cached prefix, so they cost
     # little, and on the default pair it cut mining time by 1.6x (bench/RESULTS.md).
     reuse_continuation: bool = True
+    # An answer cut by the token budget has no final answer, so every swap "changes" whatever number the
+    # cut happens to end on: its labels would be noise. Synthetic checkers that read any text can keep them.
+    skip_truncated: bool = True
 
 
 @dataclass
@@ -178,9 +182,25 @@ class Miner:
     def mine(self, problem: Problem, prompt_ids: list[int]) -> ProblemResult:
         t0 = time.perf_counter()
         cost = Cost()
-        budget, n0 = self.options.max_new_tokens, len(prompt_ids)
-        answer = self.continuation(prompt_ids, budget, [], cost)
+        answer = self.continuation(prompt_ids, self.options.max_new_tokens, [], cost)
         ref = self._check(problem, answer, cost)
+        truncated = not answer or answer[-1] not in self.engine.eos_token_ids
+        skip = truncated and self.options.skip_truncated
+        labels = [] if skip else self._label(problem, prompt_ids, answer, ref, cost)
+        record = {
+            "kind": "problem", "problem_id": problem.problem_id,
+            "answer_text": self.engine.tokenizer.decode(answer, skip_special_tokens=True),
+            "answer_ids": answer, "ref_answer": ref, "ground_truth": problem.expected,
+            "correct": ref == problem.expected, "truncated": truncated, "n_mismatches": len(labels),
+            "n_important": sum(label["important"] for label in labels),
+            "speculative": self.options.speculative, "reuse_continuation": self.options.reuse_continuation,
+            "wall_s": time.perf_counter() - t0, "cost": asdict(cost),
+        }
+        return ProblemResult(labels, record, cost)
+
+    def _label(self, problem: Problem, prompt_ids: list[int], answer: list[int], ref, cost: Cost) -> list[dict]:
+        """Swap in the draft's token at each mismatch, left to right, and keep the swap if `ref` survives."""
+        budget, n0 = self.options.max_new_tokens, len(prompt_ids)
         cur, left, preds, labels = prompt_ids + answer, n0, None, []
         while True:
             preds = preds or self._draft_predictions(cur, left, cost)
@@ -201,13 +221,4 @@ class Miner:
             left = p + 1
             if cur[p] in self.engine.eos_token_ids:
                 break
-        record = {
-            "kind": "problem", "problem_id": problem.problem_id,
-            "answer_text": self.engine.tokenizer.decode(answer, skip_special_tokens=True),
-            "answer_ids": answer, "ref_answer": ref, "ground_truth": problem.expected,
-            "correct": ref == problem.expected, "n_mismatches": len(labels),
-            "n_important": sum(label["important"] for label in labels),
-            "speculative": self.options.speculative, "reuse_continuation": self.options.reuse_continuation,
-            "wall_s": time.perf_counter() - t0, "cost": asdict(cost),
-        }
-        return ProblemResult(labels, record, cost)
+        return labels

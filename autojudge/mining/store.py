@@ -15,7 +15,7 @@ from autojudge.errors import AutojudgeError
 
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
 RESUME_KEYS = ("target", "target_fingerprint", "draft", "draft_fingerprint", "dtype", "dataset", "split",
-               "max_new_tokens", "prompt_template", "checker")
+               "max_new_tokens", "prompt_template", "checker", "skip_truncated")
 
 
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
