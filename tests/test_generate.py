@@ -70,6 +70,16 @@ def test_draft_equal_to_target_accepts_everything(self_draft_engine):
         assert full_cycles >= out.stats.cycles - 1, out.stats.histogram  # the last cycle may be cut short
 
 
+@pytest.mark.parametrize("window, max_new", [(4, 64), (16, 64), (8, 9), (8, 5)])
+def test_no_drafted_token_is_thrown_away_at_the_budget(self_draft_engine, window, max_new):
+    out = self_draft_engine.generate("hello", max_new_tokens=max_new, mode="speculative", window=window,
+                                     ignore_eos=True)
+    assert len(out.token_ids) == max_new
+    # A draft equal to the target keeps all it drafts: one token from the prefill, then each cycle's
+    # drafts plus the bonus token, so every drafted token is used exactly when none is drafted in excess.
+    assert out.stats.drafted_tokens == max_new - 1 - out.stats.cycles, out.stats.histogram
+
+
 def test_unrelated_draft_rejects_almost_everything(unrelated_engine):
     prompt = list(range(40, 70))
     target = unrelated_engine.generate(prompt, max_new_tokens=60, mode="target", ignore_eos=True)

@@ -36,6 +36,7 @@ class GenerationStats:
     accepted_per_cycle: float = 0.0  # draft tokens kept per cycle (the correction/bonus token not counted)
     tokens_per_cycle: float = 0.0  # tokens emitted per cycle, correction/bonus included
     histogram: dict[int, int] = field(default_factory=dict)  # accepted draft tokens -> cycles
+    drafted_tokens: int = 0  # proposed by the draft; a cycle drafts fewer than the window near the end
     judge_rescues: int = 0  # draft tokens kept only because the judge called the mismatch unimportant
     prefill_s: float = 0.0
     draft_s: float = 0.0
@@ -155,7 +156,7 @@ class Engine:
         sampler = _Sampler(temperature, seed, self.target.device)
         start = time.perf_counter()
         steps = (self._target_steps if mode == "target" else self._speculative_steps)(
-            prompt_ids, window, sampler, stats, judge, threshold
+            prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens
         )
         produced = 0
         for new in steps:
@@ -205,7 +206,7 @@ class Engine:
             return self._graphs.forward(decoder, start, end, logits_from)
         return decoder.forward(self._tokens[start:end], start, logits_from=logits_from)
 
-    def _target_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
+    def _target_steps(self, prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens):
         yield [self._start(prompt_ids, sampler, stats)]
         while True:
             pos = self._seq_len - 1
@@ -214,13 +215,14 @@ class Engine:
             self._seq_len += 1
             yield [int(self._tokens[pos + 1])]
 
-    def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold):
+    def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens):
         target, draft, tokens = self.target, self.draft, self._tokens
         first = self._start(prompt_ids, sampler, stats)
         t0 = time.perf_counter()
         self._prefill(draft, prompt_ids, logits_from=None)
         stats.prefill_s += time.perf_counter() - t0
         yield [first]
+        wanted = max_new_tokens - 1
         draft_valid = len(prompt_ids)  # the draft's cache holds correct keys/values for [0, draft_valid)
         common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
         need_draft_hidden = judge is not None and judge.uses_draft
@@ -233,7 +235,9 @@ class Engine:
         clock = _PhaseClock(target.device)
         while True:
             seq_len = self._seq_len
-            k = min(window, target.max_seq_len - seq_len)
+            # A cycle yields up to k + 1 tokens: drafting past the tokens still wanted would be thrown away
+            # (mining asks for short pieces of text many times over).
+            k = min(window, target.max_seq_len - seq_len, max(wanted - 1, 1))
             clock.mark(0)
             # Draft k tokens into tokens[seq_len : seq_len + k]; with a draft-side judge, one more draft step
             # yields the hidden state at the last drafted token (and saves that step next cycle if all pass).
@@ -283,10 +287,12 @@ class Engine:
             stats.draft_s += clock.seconds(0, 1)
             stats.verify_s += clock.seconds(1, 2)
             stats.cycles += 1
+            stats.drafted_tokens += k
             histogram[accepted] += 1
             stats.histogram = dict(sorted(histogram.items()))
             stats.accepted_per_cycle = sum(a * c for a, c in histogram.items()) / stats.cycles
             stats.tokens_per_cycle = stats.accepted_per_cycle + 1
+            wanted -= accepted + 1
             yield drafted[:accepted] + [next_token]
 
 

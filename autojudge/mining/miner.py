@@ -152,9 +152,9 @@ class Miner:
         stats = out.stats
         if mode == "speculative":
             cost.target_forwards += 1 + stats.cycles
-            cost.target_positions += len(context) + stats.cycles * (self.options.window + 1)
-            cost.draft_forwards += 1 + stats.cycles * self.options.window
-            cost.draft_positions += len(context) + stats.cycles * self.options.window
+            cost.target_positions += len(context) + stats.cycles + stats.drafted_tokens
+            cost.draft_forwards += 1 + stats.drafted_tokens
+            cost.draft_positions += len(context) + stats.drafted_tokens
         else:
             cost.target_forwards += max(len(out.token_ids), 1)
             cost.target_positions += len(context) + max(len(out.token_ids) - 1, 0)
