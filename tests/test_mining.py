@@ -171,6 +171,10 @@ def test_store_refuses_to_overwrite_or_mix_runs(tmp_path):
         LabelStore(path, META, resume=False)
     with pytest.raises(AutojudgeError, match="max_new_tokens differ"):
         LabelStore(path, {**META, "max_new_tokens": 9}, resume=True)
+    # META predates the truncation policy: such files were mined labelling cut answers.
+    LabelStore(path, {**META, "skip_truncated": False}, resume=True).close()
+    with pytest.raises(AutojudgeError, match="skip_truncated differ"):
+        LabelStore(path, {**META, "skip_truncated": True}, resume=True)
     other = tmp_path / "other.jsonl"
     other.write_text("hello\n")
     with pytest.raises(AutojudgeError, match="not a mining file"):

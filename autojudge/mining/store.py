@@ -16,6 +16,12 @@ from autojudge.errors import AutojudgeError
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
 RESUME_KEYS = ("target", "target_fingerprint", "draft", "draft_fingerprint", "dtype", "dataset", "split",
                "max_new_tokens", "prompt_template", "checker", "skip_truncated")
+# What a file written before a key existed was mined with.
+_BEFORE_KEY = {"skip_truncated": False}
+
+
+def _setting(meta: dict, key: str):
+    return meta.get(key, _BEFORE_KEY.get(key))
 
 
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
@@ -51,7 +57,7 @@ class LabelStore:
             old_meta, end, self.done = _scan(self.path)
             if old_meta is None:
                 raise AutojudgeError(f"{self.path} is not a mining file (no meta row); choose another --out")
-            changed = [k for k in RESUME_KEYS if old_meta.get(k) != meta.get(k)]
+            changed = [k for k in RESUME_KEYS if _setting(old_meta, k) != _setting(meta, k)]
             if changed:
                 raise AutojudgeError(
                     f"cannot resume {self.path}: {', '.join(changed)} differ from the run that wrote it; "
