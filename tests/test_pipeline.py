@@ -20,7 +20,7 @@ def test_mine_train_generate(tiny_pair, tmp_path, monkeypatch):
     runner = CliRunner()
     mined = runner.invoke(main, ["mine", *models, "--dataset", str(dataset), "--out", str(labels),
                                  "--max-new-tokens", "28", "--prompt-template", "{question}", "--checker",
-                                 "test_mining:parity"])
+                                 "test_mining:parity", "--label-truncated"])
     assert mined.exit_code == 0, mined.output
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
     kinds = {row.get("kind") for row in rows}
