@@ -1,10 +1,12 @@
-"""GPU hot path at real shapes (issue 6): model steps against their floor, CUDA graphs against eager, the fused
-verify step against eager, the whole speculative cycle and its overhead, tokens/s against accepted tokens per
-cycle, and transformers' assisted generation on the same weights.
+"""GPU hot path at real shapes: model steps against their floor, CUDA graphs against eager, the fused verify
+step against eager, the whole speculative cycle and its overhead, tokens/s against accepted tokens per cycle,
+and transformers' assisted generation on the same weights.
 
-    python bench/gpu_bench.py                  # CUDA: every table, bf16 (about 4 minutes on an H100)
+    python bench/gpu_bench.py --part quick     # the default pair's shapes: 0.5B/1.5B, windows 4-16 (~2 min)
+    python bench/gpu_bench.py --part rest      # Llama 1B/8B and Qwen 7B, windows to 64, V=128256
+    python bench/gpu_bench.py                  # both (about 4 minutes on an H100)
     python bench/gpu_bench.py --smoke          # tiny models, CPU too: runs every code path in seconds
-    python bench/gpu_bench.py --json out.json  # also dump every number
+    python bench/gpu_bench.py --json out.json  # every number, rewritten after each table
 
 Method (/work/.library/device/METHOD.md): CUDA events around each timed call, warm-up first, the median of
 repeats. Model weights are 20x the L2 cache and more, so model steps need no L2 flush; the verify step's logits
@@ -23,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,24 +45,34 @@ from autojudge.engine.engine import Engine  # noqa: E402
 from autojudge.engine.presets import parameter_count, random_decoder, tiny_preset  # noqa: E402
 from autojudge.kernels import VerifyOutput, verify, verify_reference  # noqa: E402
 
-FULL = {
-    "models": {name: name for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b")},
-    "windows": [4, 8, 16, 32, 64],
-    # (draft, target, windows); the first pair is the issue's goal shape.
-    "pairs": [("qwen2.5-0.5b", "qwen2.5-1.5b", [4, 8, 16]), ("llama-3.2-1b", "llama-3.1-8b", [8]),
-              ("qwen2.5-0.5b", "qwen2.5-7b", [8])],
-    "hf_window": 4,
-    "verify_vocabs": [151936, 128256],
-    "dtype": torch.bfloat16, "max_seq_len": 2048, "prompt": 128, "position": 512,
-    "new_tokens": {"graphs": (32, 160), "eager": (16, 48), "hf": (16, 48)},
-    "reps": 30,
+_REAL = {"dtype": torch.bfloat16, "max_seq_len": 2048, "prompt": 128, "position": 512,
+         "new_tokens": {"graphs": (32, 160), "eager": (8, 32), "hf": (8, 32)}, "reps": 30}
+PARTS = {
+    # The default pair's shapes first: what a short GPU slot must measure before anything else.
+    "quick": {
+        **_REAL,
+        "models": {name: name for name in ("qwen2.5-0.5b", "qwen2.5-1.5b")},
+        "windows": [4, 8, 16],
+        # (draft, target, windows)
+        "pairs": [("qwen2.5-0.5b", "qwen2.5-1.5b", [4, 8, 16])],
+        "hf_windows": [4, 8],
+        "verify_vocabs": [151936], "verify_windows": [4, 8, 16, 32],
+    },
+    "rest": {
+        **_REAL,
+        "models": {name: name for name in ("llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b")},
+        "windows": [4, 8, 16, 32, 64],
+        "pairs": [("llama-3.2-1b", "llama-3.1-8b", [8]), ("qwen2.5-0.5b", "qwen2.5-7b", [8])],
+        "hf_windows": [4],
+        "verify_vocabs": [128256], "verify_windows": [4, 8, 16, 32, 64],
+    },
 }
 SMOKE = {
     "models": {"tiny-draft": tiny_preset(hidden=32), "tiny-target": tiny_preset(hidden=64)},
     "windows": [2, 4],
     "pairs": [("tiny-draft", "tiny-target", [2, 4])],
-    "hf_window": 2,
-    "verify_vocabs": [1000],
+    "hf_windows": [2],
+    "verify_vocabs": [1000], "verify_windows": [2, 4],
     "dtype": torch.float32, "max_seq_len": 128, "prompt": 16, "position": 32,
     "new_tokens": {"graphs": (4, 12), "eager": (4, 12), "hf": (4, 12)},
     "reps": 3,
@@ -68,6 +81,8 @@ SMOKE = {
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 SMOKE_RUN = False  # set by --smoke
 RESULTS: dict[str, list[dict]] = {}
+JSON_PATH: Path | None = None  # set by --json; rewritten after every table, so a killed run keeps its tables
+CURRENT_PART = ""
 
 
 def sync():
@@ -116,11 +131,13 @@ def fmt(x, digits=2) -> str:
 
 
 def emit(title: str, header: list[str], rows: list[list], key: str):
-    RESULTS[key] = [dict(zip(header, row)) for row in rows]
-    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    RESULTS[f"{CURRENT_PART}/{key}"] = [dict(zip(header, row)) for row in rows]
+    lines = [f"\n### {title} [{CURRENT_PART}]\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) if isinstance(c, float) or c is None else str(c) for c in row) + " |"
               for row in rows]
     print("\n".join(lines), flush=True)
+    if JSON_PATH is not None:
+        JSON_PATH.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 def guarded(what: str, fn, *args):
@@ -188,27 +205,85 @@ def model_steps(cfg_set, bandwidth, rate, reps) -> dict:
 # ---- verify kernel at the engine's call ---------------------------------------------------------
 
 
-def verify_kernel(cfg_set, reps):
-    """The engine's exact call: fp32 logits [1, k+1, V], int64 drafts; eager ends with its host read."""
+def host_ms(fn, reps: int, flush=None) -> float:
+    """Median wall time in ms from the host's call to the result being ready on the device: launch overheads
+    and Python included, which device-side timers leave out."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if flush is not None:
+            flush()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_device_ms(launches: list, reps: int) -> float:
+    """Device time per launch: one CUDA graph replays all of `launches` back to back, so no host gap or launch
+    latency is counted. Each launch reads its own inputs, and together they overflow L2, so every launch
+    reads from HBM as a decode-time verify step does."""
+    for launch in launches:
+        launch()  # compile and allocate workspaces outside the capture
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for launch in launches:
+            launch()
+    return median_ms(graph.replay, reps) / len(launches)
+
+
+def verify_kernel(cfg_set, bandwidth, reps):
+    """The engine's call (logits [1, k+1, V], int64 drafts, reused outputs; sampling seeded, its offset a device
+    tensor), for bf16 and fp32 logits. Four timings per case: the fused kernel on the device alone (graph
+    replay, HBM-cold inputs), the fused step from the host's call to its result, the eager reference on the
+    device, and the eager reference as the engine would pay it (ending with its host read)."""
     flush = L2Flush() if ON_CUDA else None
+    l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size if ON_CUDA else 0
     rows = []
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for v in cfg_set["verify_vocabs"]:
-        for k in cfg_set["windows"]:
-            logits = torch.randn(1, k + 1, v, device=DEVICE, generator=gen)
-            greedy = logits.argmax(-1)[:, :k]
-            draft = torch.where(torch.rand(1, k, device=DEVICE, generator=gen) < 0.8, greedy, 0)
-            for mode in ("greedy", "sampling"):
-                kw = {"out": VerifyOutput.empty(1, k, DEVICE)}
-                if mode == "sampling":
-                    kw.update(temperature=0.8, draft_probs=torch.softmax(logits[:, :k] / 0.8, -1), seed=1,
-                              offset=torch.zeros(1, dtype=torch.long, device=DEVICE))
-                args = (logits, draft)
-                fused = median_ms(lambda a=args, kw=kw: verify(*a, **kw), reps, flush)
-                eager = median_ms(lambda a=args, kw=kw: verify_reference(*a, **kw).num_accepted.cpu(), reps, flush)
-                rows.append([v, k, mode, fused * 1e3, eager * 1e3, eager / fused])
-    emit("Fused verify kernel vs eager reference (engine call, L2 flushed)",
-         ["V", "k", "mode", "fused us", "eager us (+host read)", "speedup"], rows, "verify_kernel")
+        for k in cfg_set["verify_windows"]:
+            for dtype in (torch.bfloat16, torch.float32):
+                itemsize = torch.finfo(dtype).bits // 8
+                for mode in ("greedy", "sampling"):
+                    step_bytes = (k + 1) * v * itemsize + (v * (itemsize + 4) if mode == "sampling" else 0)
+                    copies = max(2, min(64, -(-3 * l2 // step_bytes))) if ON_CUDA else 1
+                    steps = []
+                    for _ in range(copies):
+                        logits = torch.randn(1, k + 1, v, device=DEVICE, generator=gen).to(dtype)
+                        greedy = logits.float().argmax(-1)[:, :k]
+                        draft = torch.where(torch.rand(1, k, device=DEVICE, generator=gen) < 0.8, greedy, 0)
+                        kw = {"out": VerifyOutput.empty(1, k, DEVICE)}
+                        if mode == "sampling":
+                            kw.update(temperature=0.8, draft_probs=torch.softmax(logits[:, :k].float() / 0.8, -1),
+                                      seed=1, offset=torch.zeros(1, dtype=torch.long, device=DEVICE))
+                        steps.append(((logits, draft), kw))
+                    (args, kw) = steps[0]
+                    fused_host = host_ms(lambda a=args, kw=kw: verify(*a, **kw), reps, flush)
+                    eager_device = median_ms(lambda a=args, kw=kw: verify_reference(*a, **kw), reps, flush)
+                    eager_read = median_ms(lambda a=args, kw=kw: verify_reference(*a, **kw).num_accepted.cpu(),
+                                           reps, flush)
+                    fused_device = None
+                    if ON_CUDA:
+                        launches = [lambda a=a, kw=kw: verify(*a, **kw) for a, kw in steps]
+                        fused_device = graph_device_ms(launches * max(1, 64 // copies), reps)
+                    best = fused_device if fused_device is not None else fused_host
+                    floor = None if bandwidth is None else step_bytes / bandwidth * 1e3
+                    rows.append([v, k, str(dtype).removeprefix("torch."), mode, _us(fused_device), _us(fused_host),
+                                 _us(eager_device), _us(eager_read), eager_read / best, _us(floor),
+                                 None if floor is None else best / floor])
+                    del steps
+    emit("Fused verify step vs eager reference (engine call; device = CUDA-graph replay of many launches on "
+         "HBM-cold inputs; host = from the call to the result)",
+         ["V", "k", "logits", "mode", "fused device us", "fused host us", "eager device us",
+          "eager us (+host read)", "eager+read / fused", "floor us", "fused / floor"], rows, "verify_kernel")
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1e3
 
 
 # ---- whole cycle, tokens/s, transformers --------------------------------------------------------
@@ -221,15 +296,26 @@ class _NoText:
         return ""
 
 
-def timed_generate(engine, prompt, k, n_short, n_long, mode="speculative"):
-    """(ms per cycle, ms per token, the long run's stats), from the difference of two runs: the prefill and
-    first-call costs cancel. Target mode counts a token as a cycle."""
-    runs = [engine.generate(prompt, max_new_tokens=n, mode=mode, window=k, ignore_eos=True)
-            for n in (n_short, n_short, n_long)]  # the first run captures the graphs
-    a, b = runs[1].stats, runs[2].stats
-    ms = (b.total_s - a.total_s) * 1e3
-    tokens = b.new_tokens - a.new_tokens
-    return ms / ((b.cycles - a.cycles) if mode == "speculative" else tokens), ms / tokens, b
+def timed_generate(engine, prompt, k, n_short, n_long, mode="speculative", repeats=3):
+    """(ms per cycle, ms per token, spread of the ms per cycle over the repeats / their median, a long run's
+    stats). Each repeat times a long and a short run and keeps the difference, so prefill and first-call costs
+    cancel; the median of the repeats drops a one-off stall, which on an H200 made a single difference 0.4 s
+    short. One long run first captures every graph and touches every position the timed runs reach. Target
+    mode counts a token as a cycle."""
+
+    def run(n):
+        return engine.generate(prompt, max_new_tokens=n, mode=mode, window=k, ignore_eos=True).stats
+
+    run(n_long)
+    per_cycle, per_token = [], []
+    for _ in range(repeats):
+        a, b = run(n_short), run(n_long)
+        ms = (b.total_s - a.total_s) * 1e3
+        tokens = b.new_tokens - a.new_tokens
+        per_cycle.append(ms / ((b.cycles - a.cycles) if mode == "speculative" else tokens))
+        per_token.append(ms / tokens)
+    mid = statistics.median(per_cycle)
+    return mid, statistics.median(per_token), (max(per_cycle) - min(per_cycle)) / mid, b
 
 
 def hf_model(dec):
@@ -269,7 +355,7 @@ def hf_per_token(model, prompt, n_short, n_long, assistant=None, k=None) -> floa
             k, "constant", 0.0)
         kw["assistant_model"] = assistant
     seconds = []
-    for n in (n_short, n_short, n_long):
+    for n in (n_long, n_short, n_long):  # warmed up as timed_generate is
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -282,8 +368,9 @@ def hf_per_token(model, prompt, n_short, n_long, assistant=None, k=None) -> floa
 
 def _pair(draft_name, target_name, windows, cfg_set, steps, with_hf, cycle_rows, tps_rows, hf_rows):
     models, dtype, seq = cfg_set["models"], cfg_set["dtype"], cfg_set["max_seq_len"]
-    draft = random_decoder(models[draft_name], DEVICE, dtype, seq, seed=1)
-    target = random_decoder(models[target_name], DEVICE, dtype, seq, seed=2)
+    # A pair may draw on a model of another part: presets are named by their keys.
+    draft = random_decoder(models.get(draft_name, draft_name), DEVICE, dtype, seq, seed=1)
+    target = random_decoder(models.get(target_name, target_name), DEVICE, dtype, seq, seed=2)
     common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
     prompt = torch.randint(0, common_vocab, (cfg_set["prompt"],), generator=torch.Generator().manual_seed(0)).tolist()
     engines = {True: Engine(target, draft, _NoText(), [], cuda_graphs=True)} if ON_CUDA else {}
@@ -294,11 +381,14 @@ def _pair(draft_name, target_name, windows, cfg_set, steps, with_hf, cycle_rows,
         n_short, n_long = cfg_set["new_tokens"]["graphs" if graphed else "eager"]
         target_only[graphed] = 1e3 / timed_generate(engine, prompt, 1, n_short, n_long, mode="target")[1]
         for k in windows:
-            ms, ms_token, stats = timed_generate(engine, prompt, k, n_short, n_long)
+            ms, ms_token, spread, stats = timed_generate(engine, prompt, k, n_short, n_long)
             col = 1 if graphed else 0
-            model_ms = k * steps[draft_name, 1][col] + steps[target_name, k + 1][col]
-            cycle_rows.append([label, k, "on" if graphed else "off", ms, stats.draft_s / stats.cycles * 1e3,
-                               stats.verify_s / stats.cycles * 1e3, model_ms, (ms / model_ms - 1) * 100,
+            model_ms = None  # the model steps of the part that timed them, where this part did not
+            if (draft_name, 1) in steps and (target_name, k + 1) in steps:
+                model_ms = k * steps[draft_name, 1][col] + steps[target_name, k + 1][col]
+            cycle_rows.append([label, k, "on" if graphed else "off", ms, spread * 100, stats.draft_s / stats.cycles * 1e3,
+                               stats.verify_s / stats.cycles * 1e3, model_ms,
+                               None if model_ms is None else (ms / model_ms - 1) * 100,
                                stats.accepted_per_cycle, 1e3 / ms_token])
             if graphed or not ON_CUDA:
                 accepted = sorted({0, 1, max(1, k // 4), k // 2, k})
@@ -311,22 +401,22 @@ def _pair(draft_name, target_name, windows, cfg_set, steps, with_hf, cycle_rows,
         print(f"(no transformers row for {label}: different vocabulary sizes make transformers ask for two "
               "tokenizers)", flush=True)
         return
-    guarded(f"transformers on {label}", _hf_row, label, target, draft, engines, prompt, target_only, cfg_set,
+    guarded(f"transformers on {label}", _hf_rows, label, target, draft, engines, prompt, target_only, cfg_set,
             hf_rows)
 
 
-def _hf_row(label, target, draft, engines, prompt, target_only, cfg_set, hf_rows):
-    k = cfg_set["hf_window"]
+def _hf_rows(label, target, draft, engines, prompt, target_only, cfg_set, hf_rows):
     n_short, n_long = cfg_set["new_tokens"]["hf"]
     hf_target, hf_draft = hf_model(target), hf_model(draft)
-    hf_spec = hf_per_token(hf_target, prompt, n_short, n_long, hf_draft, k)
     hf_plain = hf_per_token(hf_target, prompt, n_short, n_long)
-    ours = {g: timed_generate(e, prompt, k, n_short, n_long) for g, e in engines.items()}
-    best = ours.get(True, ours[False])
-    # Lossless greedy: both libraries draft and keep the same tokens, so the acceptance is the same.
-    hf_rows.append([label, k, n_long - n_short, best[2].accepted_per_cycle, 1e3 / hf_spec,
-                    1e3 / ours[True][1] if True in ours else None, 1e3 / ours[False][1], hf_spec / best[1],
-                    1e3 / hf_plain, target_only.get(True, target_only[False])])
+    for k in cfg_set["hf_windows"]:
+        hf_spec = hf_per_token(hf_target, prompt, n_short, n_long, hf_draft, k)
+        ours = {g: timed_generate(e, prompt, k, n_short, n_long) for g, e in engines.items()}
+        best = ours.get(True, ours[False])
+        # Lossless greedy: both libraries draft and keep the same tokens, so the acceptance is the same.
+        hf_rows.append([label, k, n_long - n_short, best[3].accepted_per_cycle, 1e3 / hf_spec,
+                        1e3 / ours[True][1] if True in ours else None, 1e3 / ours[False][1], hf_spec / best[1],
+                        1e3 / hf_plain, target_only.get(True, target_only[False])])
 
 
 def pairs(cfg_set, steps, with_hf: bool):
@@ -336,7 +426,7 @@ def pairs(cfg_set, steps, with_hf: bool):
                 with_hf, cycle_rows, tps_rows, hf_rows)
         release()
     emit("Speculative cycle: wall time vs the sum of its model steps (overhead = cycle / steps - 1)",
-         ["pair", "k", "graphs", "ms/cycle", "draft phase ms", "verify phase ms", "model steps ms", "overhead %",
+         ["pair", "k", "graphs", "ms/cycle", "spread %", "draft phase ms", "verify phase ms", "model steps ms", "overhead %",
           "accepted/cycle", "tokens/s"], cycle_rows, "cycle")
     emit("Tokens/s against accepted draft tokens per cycle a: (a + 1) / t_cycle, vs target-only decoding",
          ["pair", "k", "target-only tok/s", "a: tok/s", "break-even a"], tps_rows, "tokens_per_second")
@@ -361,19 +451,37 @@ def check_hf_parity(cfg_set):
     print("smoke: transformers on the shared weights decodes the same tokens as the engine", flush=True)
 
 
+def run_part(part: str, cfg_set: dict, bandwidth, rate, reps: int, with_hf: bool, tables: set[str]):
+    global CURRENT_PART
+    CURRENT_PART = part
+    print(f"\n## part {part}", flush=True)
+    # Cheapest and most asked-for first: a part cut short by its time limit keeps the kernel table.
+    if "verify" in tables:
+        verify_kernel(cfg_set, bandwidth, reps)
+    steps = model_steps(cfg_set, bandwidth, rate, reps) if "steps" in tables else {}
+    if "pairs" in tables:
+        pairs(cfg_set, steps, with_hf)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models: a seconds-long run of every code path")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="which shapes to run (CUDA only)")
+    parser.add_argument("--tables", default="verify,steps,pairs",
+                        help="comma-separated subset of verify (kernel), steps (model steps), pairs (cycles, tokens/s, "
+                             "transformers)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per measurement")
-    parser.add_argument("--json", type=Path, default=None, help="also write every number here")
+    parser.add_argument("--json", type=Path, default=None, help="every number, rewritten after each table")
     args = parser.parse_args()
     if not ON_CUDA and not args.smoke:
         parser.error("no CUDA GPU here: real shapes need one; run with --smoke for the tiny CPU run")
-    global SMOKE_RUN
-    SMOKE_RUN = args.smoke
-    cfg_set = SMOKE if args.smoke else FULL
-    reps = args.reps or cfg_set["reps"]
+    tables = set(args.tables.split(","))
+    if not tables <= {"verify", "steps", "pairs"}:
+        parser.error("--tables takes a subset of verify,steps,pairs")
+    global SMOKE_RUN, JSON_PATH
+    SMOKE_RUN, JSON_PATH = args.smoke, args.json
+    parts = {"smoke": SMOKE} if args.smoke else PARTS if args.part == "all" else {args.part: PARTS[args.part]}
     torch.manual_seed(0)
     t0 = time.perf_counter()
     bandwidth, rate = ceilings()
@@ -382,18 +490,15 @@ def main():
 
     name = torch.cuda.get_device_name() if ON_CUDA else "CPU (smoke: timings are not performance numbers)"
     print(f"## gpu_bench on {name}\n\ntorch {torch.__version__}, triton {triton.__version__}, transformers "
-          f"{transformers.__version__}, {cfg_set['dtype']}; copy bandwidth "
-          f"{fmt(bandwidth and bandwidth / 1e9, 0)} GB/s (read + write), bf16 matmul "
-          f"{fmt(rate and rate / 1e12, 0)} TFLOP/s", flush=True)
-    RESULTS["device"] = [{"name": name, "bandwidth_Bps": bandwidth, "matmul_flops": rate}]
+          f"{transformers.__version__}; copy bandwidth {fmt(bandwidth and bandwidth / 1e9, 0)} GB/s (read + write), "
+          f"bf16 matmul {fmt(rate and rate / 1e12, 0)} TFLOP/s", flush=True)
+    RESULTS["device"] = [{"name": name, "bandwidth_Bps": bandwidth, "matmul_flops": rate,
+                          "torch": torch.__version__, "triton": triton.__version__}]
     if args.smoke:
-        check_hf_parity(cfg_set)
-    steps = model_steps(cfg_set, bandwidth, rate, reps)
-    verify_kernel(cfg_set, reps)
-    pairs(cfg_set, steps, with_hf=not args.no_hf)
+        check_hf_parity(SMOKE)
+    for part, cfg_set in parts.items():
+        run_part(part, cfg_set, bandwidth, rate, args.reps or cfg_set["reps"], not args.no_hf, tables)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 if __name__ == "__main__":

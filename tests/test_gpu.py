@@ -1,6 +1,11 @@
-"""GPU checks of the hot path (issue 6); every test skips without CUDA.
+"""GPU checks of the hot path; every test skips without CUDA.
 
-    TRITON_INTERPRET=0 python -m pytest -q tests/test_gpu.py
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_gpu.py              # all (a few minutes)
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu_gate tests/test_gpu.py  # the correctness gate (~1 minute)
+
+The gate (marker ``gpu_gate``) is what a short GPU slot runs before any timing: the kernel against its
+reference at the default pair's shape (K=16, V=151936), seeded lossless sampling, graph replay against
+eager, and graphed speculative decoding against target-only decoding.
 
 (conftest turns the Triton interpreter on unless the variable is set, for the CPU suite; the kernel tests
 here skip under the interpreter.) Tolerances: fp32 runs must give the same tokens; bf16 logits of two
@@ -10,9 +15,12 @@ flash is held to the bf16 logit bound alone.
 """
 
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from lossless_stats import CHI2_DF7_CRIT, chi_square, sample_first_tokens
 
 from autojudge import Engine
 from autojudge.engine.cuda_graphs import CudaGraphs
@@ -25,6 +33,7 @@ compiled_kernel = pytest.mark.skipif(
     triton_verify.interpreted(), reason="the Triton interpreter is on: run with TRITON_INTERPRET=0")
 CUDA = torch.device("cuda")
 KERNELS = "eager" if triton_verify.interpreted() else "triton"
+gate = pytest.mark.gpu_gate
 
 
 def flash_available() -> bool:
@@ -64,7 +73,7 @@ def _poisoned(k: int) -> VerifyOutput:
 @pytest.mark.parametrize("mode", ["greedy", "sampling"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("vocab", [151936, 128256])
-@pytest.mark.parametrize("k", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("k", [4, 8, pytest.param(16, marks=gate), 32, 64])
 def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode):
     gen = torch.Generator(device=CUDA).manual_seed(k * vocab)
     logits = torch.randn(1, k + 1, vocab, device=CUDA, generator=gen).to(dtype)
@@ -91,6 +100,19 @@ def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode):
     torch.testing.assert_close(got.judge_prob, want.judge_prob, rtol=1e-4, atol=1e-6)
 
 
+@gate
+@compiled_kernel
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_seeded_kernel_sampling_is_lossless_on_cuda(k):
+    """50,000 independent trials in one launch (one batch row each, own Philox streams): the first emitted
+    token follows the target's distribution (chi-square, df 7, false alarm 1e-4)."""
+    tokens, out, _ = sample_first_tokens(verify, k, 50_000, seed=21, device=CUDA)
+    accepted = float((out.num_accepted > 0).float().mean())
+    assert 0.05 < accepted < 0.95, accepted  # both the accept and the residual path are exercised
+    assert chi_square(tokens, k) < CHI2_DF7_CRIT
+
+
+@gate
 @compiled_kernel
 def test_verify_kernel_in_a_cuda_graph_draws_fresh_randomness_per_offset():
     k, vocab = 8, 151936
@@ -120,27 +142,51 @@ def test_verify_kernel_in_a_cuda_graph_draws_fresh_randomness_per_offset():
 # ---- CUDA graph replay against eager -----------------------------------------------------------------
 
 
+@gate
 @pytest.mark.parametrize("preset,dtype", [(tiny_preset(), torch.float32), (tiny_preset(), torch.bfloat16),
-                                          ("qwen2.5-1.5b", torch.bfloat16)], ids=["tiny-fp32", "tiny-bf16", "1.5b-bf16"])
+                                          ("qwen2.5-1.5b", torch.float32), ("qwen2.5-1.5b", torch.bfloat16)],
+                         ids=["tiny-fp32", "tiny-bf16", "1.5b-fp32", "1.5b-bf16"])
 def test_graph_replay_equals_eager_forward(preset, dtype):
     dec = random_decoder(preset, CUDA, dtype, max_seq_len=512, init_std=0.05)
+    # In bf16, attention over the whole cache under the position mask (what a graph records) and over the live
+    # slice are different SDPA kernels, and 28 random layers amplify their rounding differences to several
+    # percent of the logits (seen on an H200). So there each is held to the same weights run in fp32, with the
+    # same cache writes, rather than to the other.
+    ref = None if dtype == torch.float32 else _fp32_copy(dec, preset)
     vocab = dec.config.vocab_size
     tokens = torch.randint(0, vocab, (512,), device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(0))
     graphs = CudaGraphs(tokens)
-    dec.forward(tokens[:100], 0)
+    for d in filter(None, (dec, ref)):
+        d.forward(tokens[:100], 0)
     m = dec.model
     for start, t, logits_from in [(100, 1, -1), (101, 2, -1), (103, 9, 0), (103, 9, 0), (200, 65, 0), (150, 1, -1)]:
-        dec.forward(tokens[start - 1 : start], start - 1)  # the slot before `start` holds the sequence's key
+        for d in filter(None, (dec, ref)):
+            d.forward(tokens[start - 1 : start], start - 1)  # the slot before `start` holds the sequence's key
         positions = torch.arange(start, start + t, device=CUDA)
+        step = (tokens[start : start + t][None], positions)
         with torch.inference_mode():
-            want, want_hidden = m(tokens[start : start + t][None], positions, m.max_seq_len, logits_from)
-            sliced, _ = m(tokens[start : start + t][None], positions, start + t, logits_from)
+            want, want_hidden = m(*step, m.max_seq_len, logits_from)
+            sliced, _ = m(*step, start + t, logits_from)
         got, got_hidden = graphs.forward(dec, start, start + t, logits_from)
         # Same kernels on the same inputs: equal up to cuBLAS choosing another algorithm inside a capture.
-        assert rel_err(got, want[0]) <= (1e-6 if dtype == torch.float32 else 1e-2)
-        assert rel_err(got_hidden, want_hidden[0]) <= (1e-6 if dtype == torch.float32 else 1e-2)
-        assert rel_err(got, sliced[0]) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(got, want[0]) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(got_hidden, want_hidden[0]) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        if ref is None:
+            assert rel_err(got, sliced[0]) <= 1e-4, (start, t)
+        else:
+            with torch.inference_mode():
+                exact = ref.model(*step, start + t, logits_from)[0][0]
+            # A wrong span (a stale slot, a missing mask) shows as an error far beyond the sliced path's rounding.
+            assert rel_err(got, exact) <= 3 * rel_err(sliced[0], exact) + 1e-3, (start, t)
     assert len(graphs.graphs) == 4  # one per (T, logits_from), replayed at every position
+
+
+def _fp32_copy(dec, preset):
+    ref = random_decoder(preset, CUDA, torch.float32, max_seq_len=dec.max_seq_len)
+    with torch.no_grad():
+        for exact, rounded in zip(ref.model.parameters(), dec.model.parameters(), strict=True):
+            exact.copy_(rounded)
+    return ref
 
 
 def _engines(draft_preset, target_preset, same_weights, dtype, max_seq_len=1024):
@@ -159,7 +205,7 @@ PAIRS = {
 }
 
 
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("pair", [pytest.param(p, marks=gate) if p.startswith("tiny") else p for p in PAIRS])
 def test_graphed_engine_generates_the_eager_tokens_fp32(pair):
     """fp32, so that graph (full-cache) and eager (sliced) attention agree on every argmax."""
     graphed, eager = _engines(*PAIRS[pair], torch.float32)
@@ -175,6 +221,7 @@ def test_graphed_engine_generates_the_eager_tokens_fp32(pair):
         assert any(t == 2 for _, t, _ in graphed._graphs.graphs)
 
 
+@gate
 def test_speculative_equals_target_on_cuda_with_graphs(tiny_pair):
     engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
                                     dtype="fp32", max_seq_len=256, kernels=KERNELS)
@@ -189,6 +236,7 @@ def test_speculative_equals_target_on_cuda_with_graphs(tiny_pair):
             assert got.stats.draft_s + got.stats.verify_s < got.stats.total_s
 
 
+@gate
 def test_sampling_and_judge_modes_agree_with_and_without_graphs(tiny_pair):
     graphed, eager = (Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
                                              dtype="fp32", max_seq_len=256, kernels=KERNELS, cuda_graphs=flag)
@@ -205,6 +253,7 @@ def test_sampling_and_judge_modes_agree_with_and_without_graphs(tiny_pair):
     assert judged[0].stats.judge_rescues == judged[1].stats.judge_rescues
 
 
+@gate
 def test_one_host_sync_per_cycle(tiny_pair):
     engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
                                     dtype="fp32", max_seq_len=256, kernels=KERNELS)
@@ -217,10 +266,10 @@ def test_one_host_sync_per_cycle(tiny_pair):
             out = engine.generate(prompt, max_new_tokens=40, window=4, ignore_eos=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]  # not the one-time notice
     # The prefill reads its first token (and the cache-reuse checks their prefixes); then one read per cycle,
     # where a sync per draft step would add k per cycle.
-    assert len(syncs) <= out.stats.cycles + 6, [str(w.message)[:120] for w in syncs]
+    assert len(syncs) <= out.stats.cycles + 6, Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
 
 
 # ---- flash-attn against SDPA ------------------------------------------------------------------------

@@ -277,11 +277,13 @@ class Engine:
             parts = [result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]
             if judge is not None:
                 parts.append((result.judge_ok[0] & ~result.std_ok[0]).long())
-            host = torch.cat(parts).tolist()
+            gathered = torch.cat(parts)  # queued before the commit below writes over a rejected draft slot
+            # Committed on the device: a host int written into a CUDA tensor is a blocking copy, a second sync.
+            tokens.index_put_((result.num_accepted + seq_len,), result.next_token)
+            host = gathered.tolist()
             accepted, next_token, drafted = host[0], host[1], host[2 : 2 + k]
             if judge is not None:
                 stats.judge_rescues += sum(host[2 + k : 2 + k + accepted])
-            tokens[seq_len + accepted] = next_token
             self._seq_len = seq_len + accepted + 1
             draft_valid = min(seq_len + accepted, draft_end)
             stats.draft_s += clock.seconds(0, 1)
