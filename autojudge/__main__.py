@@ -1,3 +1,3 @@
-from autojudge.cli import main
+from autojudge.commands import main
 
 main()

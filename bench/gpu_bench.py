@@ -8,7 +8,7 @@ and transformers' assisted generation on the same weights.
     python bench/gpu_bench.py --smoke          # tiny models, CPU too: runs every code path in seconds
     python bench/gpu_bench.py --json out.json  # every number, rewritten after each table
 
-Method (/work/.library/device/METHOD.md): CUDA events around each timed call, warm-up first, the median of
+Method: CUDA events around each timed call, warm-up first, the median of
 repeats. Model weights are 20x the L2 cache and more, so model steps need no L2 flush; the verify step's logits
 fit in L2, so its timings flush L2 before each call. A step's floor is the larger of (bytes it must move /
 measured copy bandwidth) and (FLOPs / measured bf16 matmul rate).

@@ -1,5 +1,7 @@
 """Judge-in-the-loop decoding (modes autojudge / judge) on tiny random models."""
 
+import re
+
 import pytest
 import torch
 
@@ -88,11 +90,30 @@ def test_decoder_features_equal_offline_features(engine, monkeypatch):
     assert torch.allclose(torch.stack(decoder_feats), offline, atol=1e-4)
 
 
+@pytest.mark.parametrize("stored, accepts_all", [(0.6, True), (0.4, False)])
+def test_the_judges_stored_threshold_is_the_default(engine, stored, accepts_all):
+    """p_important is 0.5 everywhere (zero weight and bias): the stored threshold, not a constant, decides."""
+    judge = _judge(engine, "DT", bias=0.0)
+    judge.meta["default_threshold"] = {"value": stored}
+    out = engine.generate(PROMPT, max_new_tokens=21, mode="autojudge", window=WINDOW, ignore_eos=True, judge=judge)
+    spec = engine.generate(PROMPT, max_new_tokens=21, mode="speculative", window=WINDOW, ignore_eos=True)
+    assert out.token_ids == engine.generate(PROMPT, max_new_tokens=21, mode="autojudge", window=WINDOW,
+                                            ignore_eos=True, judge=judge, threshold=stored).token_ids
+    if accepts_all:
+        assert out.stats.histogram == {WINDOW: out.stats.cycles}
+    else:
+        assert out.token_ids == spec.token_ids and out.stats.judge_rescues == 0
+
+
 def test_judge_mode_errors(engine):
     with pytest.raises(AutojudgeError, match="needs a judge"):
         engine.generate(PROMPT, max_new_tokens=4, mode="autojudge")
     with pytest.raises(AutojudgeError, match="only in modes"):
         engine.generate(PROMPT, max_new_tokens=4, mode="speculative", judge=_judge(engine, "DT", 0.0))
+    with pytest.raises(AutojudgeError, match="stores no default threshold"):
+        engine.generate(PROMPT, max_new_tokens=4, mode="autojudge", judge=_judge(engine, "DT", 0.0))
+    with pytest.raises(AutojudgeError, match=re.escape("must be in [0, 1]")):
+        engine.generate(PROMPT, max_new_tokens=4, mode="autojudge", judge=_judge(engine, "DT", 0.0), threshold=1.5)
 
 
 @pytest.mark.parametrize("window", [16, 33, 64])

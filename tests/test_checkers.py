@@ -4,15 +4,14 @@ from importlib import resources
 import pytest
 
 from autojudge.errors import AutojudgeError
-from autojudge.mining.checkers import (
-    canonical_number,
+from autojudge.tasks.checkers import (
     extract_code,
     extract_gsm8k_answer,
     humaneval_program,
     load_checker,
 )
-from autojudge.mining.datasets import Problem, load_dataset
-from autojudge.mining.prompts import build_messages
+from autojudge.tasks.datasets import Problem, canonical_number, load_dataset
+from autojudge.tasks.prompts import build_messages
 
 
 def _gsm8k_rows(split):
@@ -146,7 +145,7 @@ def test_prompts(humaneval):
 
 
 def test_load_checker():
-    assert load_checker("autojudge.mining.checkers:gsm8k_checker").__name__ == "gsm8k_checker"
-    for spec in ("nocolon", "autojudge.nope:f", "autojudge.mining.checkers:nope"):
+    assert load_checker("autojudge.tasks.checkers:gsm8k_checker").__name__ == "gsm8k_checker"
+    for spec in ("nocolon", "autojudge.nope:f", "autojudge.tasks.checkers:nope"):
         with pytest.raises(AutojudgeError, match="--checker"):
             load_checker(spec)

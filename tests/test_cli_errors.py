@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from autojudge.cli import main
+from autojudge.commands import main
 
 
 def _run(args, input=None):
@@ -117,5 +117,6 @@ def test_shipped_judge_refuses_other_models(tiny_pair):
 
 def test_judge_options_need_a_judge_mode(tiny_pair):
     target, draft = tiny_pair
-    _assert_clean_error(["generate", "hi", "--target", str(target), "--draft", str(draft), "--threshold", "0.3"],
-                        "--judge/--threshold/--recall")
+    base = ["generate", "hi", "--target", str(target), "--draft", str(draft)]
+    _assert_clean_error([*base, "--threshold", "0.3"], "used only in modes autojudge and judge")
+    _assert_clean_error([*base, "--recall", "0.9"], "--recall applies to modes autojudge and judge")

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from autojudge.engine.benchmark import gsm8k_test_questions
+from autojudge.commands.bench import gsm8k_test_questions
 
 pytestmark = [
     pytest.mark.real_model,

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from autojudge import Engine
-from autojudge.cli import main
+from autojudge.commands import main
 from autojudge.engine.engine import GenerationStats
 from autojudge.errors import AutojudgeError
 from autojudge.eval import runner
@@ -72,8 +72,8 @@ def test_plan_sweeps_stored_recall_thresholds_sorted():
 
 @pytest.mark.parametrize("call, needle", [
     (lambda: parse_modes("target,fast"), "--modes"),
-    (lambda: parse_thresholds("0.1,0"), "(0, 1]"),
-    (lambda: parse_thresholds("1.5"), "(0, 1]"),
+    (lambda: parse_thresholds("0.1,-1"), "[0, 1]"),
+    (lambda: parse_thresholds("1.5"), "[0, 1]"),
     (lambda: parse_thresholds("a,b"), "comma-separated"),
     (lambda: validate(["autojudge"], None, False, 8, 16), "needs a judge"),
     (lambda: validate(["speculative"], [0.1], False, 8, 16), "--thresholds apply"),
@@ -119,7 +119,7 @@ class FakeEngine:
 @pytest.fixture
 def fake(monkeypatch):
     engine = FakeEngine()
-    monkeypatch.setattr("autojudge.eval.cli.engine_from_options", lambda **kw: engine)
+    monkeypatch.setattr("autojudge.commands.eval.engine_from_options", lambda **kw: engine)
     return engine
 
 
@@ -203,7 +203,7 @@ def _assert_clean_error(args, needle):
 @pytest.mark.parametrize("extra, needle", [
     (["--modes", "target,turbo"], "--modes"),
     (["--modes", "autojudge"], "needs a judge"),
-    (["--modes", "autojudge", "--judge", "j", "--thresholds", "0.2,1.5"], "(0, 1]"),
+    (["--modes", "autojudge", "--judge", "j", "--thresholds", "0.2,1.5"], "[0, 1]"),
     (["--modes", "autojudge", "--judge", "default"], "needs a draft model (default-draft"),
     (["--limit", "0"], "--limit"),
 ])

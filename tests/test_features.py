@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from autojudge import Engine
-from autojudge.cli import main
+from autojudge.commands import main
 from autojudge.errors import AutojudgeError
 from autojudge.judge.features import _shared_passes, feature_set, good_tokens, label_features, load_features
 from autojudge.judge.judge_file import load_judge

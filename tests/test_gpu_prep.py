@@ -1,4 +1,4 @@
-"""The CPU-checkable parts of the GPU hot path (issue 6): model presets, the static-shape attention path, the
+"""The CPU-checkable parts of the GPU hot path: model presets, the static-shape attention path, the
 attention backend switch (flash-attn's contract run through a torch reference), the engine's graph path with
 replays emulated eagerly, the CUDA-graph option, and a smoke run of the GPU benchmark."""
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from autojudge import Engine
-from autojudge.cli import main
+from autojudge.commands import main
 from autojudge.engine import cuda_graphs, model
 from autojudge.engine.model import GPU_EXTRA_HINT, check_attention
 from autojudge.engine.presets import PRESETS, parameter_count, random_decoder, tiny_preset

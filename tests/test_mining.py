@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from autojudge import Engine
+from autojudge.commands.mine import mine, parse_shard, select_problems
 from autojudge.errors import AutojudgeError
-from autojudge.mining.cli import mine, parse_shard, select_problems
-from autojudge.mining.datasets import Problem
 from autojudge.mining.miner import Cost, Miner, MiningOptions
 from autojudge.mining.store import LabelStore, read_rows
+from autojudge.tasks.datasets import Problem
 
 TESTS = Path(__file__).parent
 MAX_SEQ_LEN = 256
@@ -268,7 +268,7 @@ def test_cli_resume_refuses_another_precision(tiny_pair, dataset, tmp_path):
 def _spawn(args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
            "AUTOJUDGE_QUIET": "1"}
-    return subprocess.Popen([sys.executable, "-c", "from autojudge.cli import main; main()", "mine", *args],
+    return subprocess.Popen([sys.executable, "-c", "from autojudge.commands import main; main()", "mine", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

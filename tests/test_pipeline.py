@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from autojudge import Engine
-from autojudge.cli import main
+from autojudge.commands import main
 from autojudge.judge.judge_file import load_judge_for_engine
 
 

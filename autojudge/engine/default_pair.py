@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from autojudge.errors import AutojudgeError
-from autojudge.fslock import locked
 from autojudge.progress import progress
 
 
@@ -99,7 +100,8 @@ def assembled_gguf(spec: PartedGGUF) -> Path:
     out = cache_root() / "default" / f"{spec.model_name}.gguf"
     if _is_verified(out, spec):
         return out
-    with locked(out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
         if not _is_verified(out, spec):
             _assemble(spec, out)
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -12,18 +11,10 @@ import torch
 from autojudge.engine import loading
 from autojudge.engine.cuda_graphs import CudaGraphs
 from autojudge.engine.decoder import Decoder
+from autojudge.engine.request import check_request
 from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
 from autojudge.errors import AutojudgeError
 from autojudge.kernels import VerifyOutput
-
-MODES = ("target", "speculative", "autojudge", "judge")
-MAX_WINDOW = 64
-
-
-def check_window(window: int):
-    """Shared by the CLI commands, which check before loading any model, and the engine."""
-    if not 1 <= window <= MAX_WINDOW:
-        raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
 
 
 @dataclass
@@ -44,6 +35,16 @@ class GenerationStats:
     total_s: float = 0.0
     tokens_per_second: float = 0.0
     finish_reason: str = "length"
+
+    def record_cycle(self, drafted: int, accepted: int, judge_rescues: int, draft_s: float, verify_s: float):
+        self.cycles += 1
+        self.drafted_tokens += drafted
+        self.judge_rescues += judge_rescues
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.histogram[accepted] = self.histogram.get(accepted, 0) + 1
+        self.accepted_per_cycle = sum(a * c for a, c in self.histogram.items()) / self.cycles
+        self.tokens_per_cycle = self.accepted_per_cycle + 1
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -128,24 +129,12 @@ class Engine:
 
     def _decode(self, prompt, max_new_tokens=256, mode="speculative", window=8, ignore_eos=False,
                 temperature=0.0, seed=None, judge=None, threshold=None):
-        """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle."""
-        if mode not in MODES:
-            raise AutojudgeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if max_new_tokens < 1:
-            raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise AutojudgeError(f"--temperature must be >= 0, got {temperature}")
-        if mode != "target":
-            if self.draft is None:
-                raise AutojudgeError(f"mode {mode!r} needs a draft model; pass --draft")
-            check_window(window)
-        if mode in ("autojudge", "judge"):
-            if judge is None:
-                raise AutojudgeError(f"mode {mode!r} needs a judge; pass --judge PATH or --judge default")
-            if temperature > 0:
-                raise AutojudgeError(f"mode {mode!r} decodes greedily; drop --temperature")
-        elif judge is not None:
-            raise AutojudgeError(f"a judge is used only in modes 'autojudge' and 'judge', not {mode!r}")
+        """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle.
+        `threshold` None means the judge's own default (the one its file stores)."""
+        check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
+                      has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
+        if judge is not None and threshold is None:
+            threshold = judge.default_threshold
         prompt_ids = self.encode_prompt(prompt)
         limit = self.target.max_seq_len
         if len(prompt_ids) >= limit:
@@ -155,9 +144,10 @@ class Engine:
         stats = GenerationStats(mode=mode, window=window if mode != "target" else 0, prompt_tokens=len(prompt_ids))
         sampler = _Sampler(temperature, seed, self.target.device)
         start = time.perf_counter()
-        steps = (self._target_steps if mode == "target" else self._speculative_steps)(
-            prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens
-        )
+        if mode == "target":
+            steps = self._target_steps(prompt_ids, sampler, stats)
+        else:
+            steps = self._speculative_steps(prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens)
         produced = 0
         for new in steps:
             new = new[: max_new_tokens - produced]
@@ -206,7 +196,7 @@ class Engine:
             return self._graphs.forward(decoder, start, end, logits_from)
         return decoder.forward(self._tokens[start:end], start, logits_from=logits_from)
 
-    def _target_steps(self, prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens):
+    def _target_steps(self, prompt_ids, sampler, stats):
         yield [self._start(prompt_ids, sampler, stats)]
         while True:
             pos = self._seq_len - 1
@@ -216,86 +206,101 @@ class Engine:
             yield [int(self._tokens[pos + 1])]
 
     def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens):
-        target, draft, tokens = self.target, self.draft, self._tokens
+        """Cycle after cycle: draft k tokens, verify them in one target pass, commit the accepted ones and the
+        target's next token (a correction after a rejection, a bonus token after a full window)."""
         first = self._start(prompt_ids, sampler, stats)
         t0 = time.perf_counter()
-        self._prefill(draft, prompt_ids, logits_from=None)
+        self._prefill(self.draft, prompt_ids, logits_from=None)
         stats.prefill_s += time.perf_counter() - t0
         yield [first]
+        cycle = _Cycle(self, len(prompt_ids), window, sampler, judge, threshold)
         wanted = max_new_tokens - 1
-        draft_valid = len(prompt_ids)  # the draft's cache holds correct keys/values for [0, draft_valid)
-        common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
-        need_draft_hidden = judge is not None and judge.uses_draft
-        draft_hidden = torch.zeros(window, draft.config.hidden_size, dtype=torch.float32, device=draft.device)
-        draft_probs = (torch.zeros(window, target.config.vocab_size, device=target.device)
-                       if sampler.temperature > 0 else None)
-        judge_bias = 0.0 if judge is None else float(judge.bias)
-        verify_outs: dict[int, VerifyOutput] = {}  # per window size: the verify step writes the same buffers
-        histogram: Counter[int] = Counter()
-        clock = _PhaseClock(target.device)
         while True:
             seq_len = self._seq_len
             # A cycle yields up to k + 1 tokens: drafting past the tokens still wanted would be thrown away
             # (mining asks for short pieces of text many times over).
-            k = min(window, target.max_seq_len - seq_len, max(wanted - 1, 1))
-            clock.mark(0)
-            # Draft k tokens into tokens[seq_len : seq_len + k]; with a draft-side judge, one more draft step
-            # yields the hidden state at the last drafted token (and saves that step next cycle if all pass).
-            draft_steps = k + 1 if need_draft_hidden else k
-            for i in range(draft_steps):
-                begin = draft_valid if i == 0 else seq_len + i - 1
-                logits, hidden = self._forward(draft, begin, seq_len + i, -1)
-                if i > 0 and need_draft_hidden:
-                    draft_hidden[i - 1] = hidden[-1]
-                if i < k:
-                    tokens[seq_len + i] = sampler.draft(logits[-1, :common_vocab], draft_probs, i)
-            draft_end = seq_len + draft_steps - 1  # the draft processed every token before this position
-            clock.mark(1)
-            logits, hidden = self._forward(target, seq_len - 1, seq_len + k, 0)
-            features = None
-            if judge is not None:
-                target_hidden = hidden[1:].float()[None]
-                features = (draft_hidden[:k][None], target_hidden) if need_draft_hidden else target_hidden
-            if k not in verify_outs:
-                verify_outs[k] = VerifyOutput.empty(1, k, target.device)
-            result = self.verify(
-                logits[None], tokens[seq_len : seq_len + k][None],
-                judge_features=features,
-                judge_weight=None if judge is None else judge.weight,
-                judge_bias=judge_bias,
-                threshold=0.5 if threshold is None else threshold,
-                temperature=sampler.temperature,
-                draft_probs=None if draft_probs is None else draft_probs[:k][None],
-                # The kernel launches after the graph, not inside it, so a host int is a fresh argument
-                # every cycle; no device offset tensor is needed.
-                seed=sampler.seed, offset=stats.cycles,
-                out=verify_outs[k],
-            )
-            clock.mark(2)
-            # The cycle's one host sync: accepted count, next token, the drafted tokens and (with a judge) which
-            # of them only the judge accepted, in one transfer.
-            parts = [result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]
-            if judge is not None:
-                parts.append((result.judge_ok[0] & ~result.std_ok[0]).long())
-            gathered = torch.cat(parts)  # queued before the commit below writes over a rejected draft slot
-            # Committed on the device: a host int written into a CUDA tensor is a blocking copy, a second sync.
-            tokens.index_put_((result.num_accepted + seq_len,), result.next_token)
-            host = gathered.tolist()
-            accepted, next_token, drafted = host[0], host[1], host[2 : 2 + k]
-            if judge is not None:
-                stats.judge_rescues += sum(host[2 + k : 2 + k + accepted])
-            self._seq_len = seq_len + accepted + 1
-            draft_valid = min(seq_len + accepted, draft_end)
-            stats.draft_s += clock.seconds(0, 1)
-            stats.verify_s += clock.seconds(1, 2)
-            stats.cycles += 1
-            stats.drafted_tokens += k
-            histogram[accepted] += 1
-            stats.histogram = dict(sorted(histogram.items()))
-            stats.accepted_per_cycle = sum(a * c for a, c in histogram.items()) / stats.cycles
-            stats.tokens_per_cycle = stats.accepted_per_cycle + 1
-            wanted -= accepted + 1
-            yield drafted[:accepted] + [next_token]
+            k = min(window, self.target.max_seq_len - seq_len, max(wanted - 1, 1))
+            cycle.clock.mark(0)
+            self._draft(cycle, seq_len, k)
+            cycle.clock.mark(1)
+            result = self._verify(cycle, seq_len, k, offset=stats.cycles)
+            cycle.clock.mark(2)
+            new_tokens, rescues = self._commit(cycle, seq_len, k, result)
+            stats.record_cycle(k, len(new_tokens) - 1, rescues, cycle.clock.seconds(0, 1), cycle.clock.seconds(1, 2))
+            wanted -= len(new_tokens)
+            yield new_tokens
+
+    def _draft(self, cycle: _Cycle, seq_len: int, k: int) -> None:
+        """Drafts k tokens into tokens[seq_len : seq_len + k]. With a draft-side judge, one more draft step yields
+        the hidden state at the last drafted token (and saves that step next cycle if all are accepted)."""
+        steps = k + 1 if cycle.draft_hidden is not None else k
+        for i in range(steps):
+            begin = cycle.draft_valid if i == 0 else seq_len + i - 1
+            logits, hidden = self._forward(self.draft, begin, seq_len + i, -1)
+            if i > 0 and cycle.draft_hidden is not None:
+                cycle.draft_hidden[i - 1] = hidden[-1]
+            if i < k:
+                self._tokens[seq_len + i] = cycle.sampler.draft(logits[-1, : cycle.common_vocab], cycle.draft_probs, i)
+        cycle.draft_end = seq_len + steps - 1  # the draft has processed every token before this position
+
+    def _verify(self, cycle: _Cycle, seq_len: int, k: int, offset: int) -> VerifyOutput:
+        """One target pass over the last committed token and the k drafted ones, then the fused verify kernel."""
+        logits, hidden = self._forward(self.target, seq_len - 1, seq_len + k, 0)
+        judge, features = cycle.judge, None
+        if judge is not None:
+            target_hidden = hidden[1:].float()[None]
+            features = target_hidden if cycle.draft_hidden is None else (cycle.draft_hidden[:k][None], target_hidden)
+        if k not in cycle.verify_outs:
+            cycle.verify_outs[k] = VerifyOutput.empty(1, k, self.target.device)
+        return self.verify(
+            logits[None], self._tokens[seq_len : seq_len + k][None],
+            judge_features=features,
+            judge_weight=None if judge is None else judge.weight,
+            judge_bias=cycle.judge_bias,
+            threshold=cycle.threshold,
+            temperature=cycle.sampler.temperature,
+            draft_probs=None if cycle.draft_probs is None else cycle.draft_probs[:k][None],
+            # The kernel launches after the graph, not inside it, so a host int is a fresh argument every cycle;
+            # no device offset tensor is needed.
+            seed=cycle.sampler.seed, offset=offset,
+            out=cycle.verify_outs[k],
+        )
+
+    def _commit(self, cycle: _Cycle, seq_len: int, k: int, result: VerifyOutput) -> tuple[list[int], int]:
+        """Keeps the accepted draft tokens and writes the target's next token after them; returns the new tokens
+        and how many of them only the judge accepted. The cycle's one host read happens here."""
+        tokens = self._tokens
+        parts = [result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]
+        if cycle.judge is not None:
+            parts.append((result.judge_ok[0] & ~result.std_ok[0]).long())
+        gathered = torch.cat(parts)  # queued before the commit below writes over a rejected draft slot
+        # Committed on the device: a host int written into a CUDA tensor is a blocking copy, a second sync.
+        tokens.index_put_((result.num_accepted + seq_len,), result.next_token)
+        host = gathered.tolist()
+        accepted, next_token, drafted = host[0], host[1], host[2 : 2 + k]
+        rescues = sum(host[2 + k : 2 + k + accepted]) if cycle.judge is not None else 0
+        self._seq_len = seq_len + accepted + 1
+        cycle.draft_valid = min(seq_len + accepted, cycle.draft_end)
+        return drafted[:accepted] + [next_token], rescues
+
+
+class _Cycle:
+    """What the steps of a speculative generation share: its settings and the buffers reused every cycle."""
+
+    def __init__(self, engine: Engine, prompt_len: int, window: int, sampler: _Sampler, judge, threshold):
+        target, draft = engine.target, engine.draft
+        self.sampler, self.judge = sampler, judge
+        self.threshold = 0.0 if judge is None else threshold  # the kernel ignores it without a judge
+        self.judge_bias = 0.0 if judge is None else float(judge.bias)
+        self.common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
+        self.draft_valid = prompt_len  # the draft's cache holds correct keys/values for [0, draft_valid)
+        self.draft_end = prompt_len
+        self.draft_hidden = (torch.zeros(window, draft.config.hidden_size, dtype=torch.float32, device=draft.device)
+                             if judge is not None and judge.uses_draft else None)
+        self.draft_probs = (torch.zeros(window, target.config.vocab_size, device=target.device)
+                            if sampler.temperature > 0 else None)
+        self.verify_outs: dict[int, VerifyOutput] = {}  # per draft length: the kernel writes the same buffers
+        self.clock = _PhaseClock(target.device)
 
 
 class _PhaseClock:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from autojudge.engine import default_pair
 from autojudge.engine.config import ModelConfig
 from autojudge.engine.model import Transformer
 from autojudge.errors import AutojudgeError
-from autojudge.fslock import locked
 
 GGUF_MAGIC = b"GGUF"
 
@@ -91,7 +91,8 @@ def _from_gguf(path: Path, name: str, known_sha256: str | None = None) -> Checkp
     out = default_pair.cache_root() / "converted" / digest[:32]
     if not (out / "model.safetensors").exists():
         # Two processes loading the same new GGUF (parallel mining shards, say) convert it once.
-        with locked(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{out}.lock"):
             if not (out / "model.safetensors").exists():
                 _convert_gguf(path, out)
     return Checkpoint(name=name, directory=out)

@@ -85,8 +85,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.flash_attn = None  # flash_attn_with_kvcache when the "flash" backend is set up
 
-    def forward(self, x, cos, sin, positions, mask, kv_len: int):
-        """`mask`: SDPA's [T, kv_len] visibility; for flash, the int32 cache lengths [B] before these tokens."""
+    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len: int):
+        """SDPA reads `visible` ([T, kv_len] bool: slot j is visible to query t); flash-attn reads `cache_lens`
+        (int32 [B]: the cache length before these tokens); the other one is None."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -94,15 +95,15 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if self.flash_attn is not None:
-            # Appends k/v at slot mask[b] and lets query i see slots <= mask[b] + i (bottom-right causal):
-            # the position mask's visibility, as positions are always consecutive from the cache length.
+            # Appends k/v at slot cache_lens[b] and lets query i see slots <= cache_lens[b] + i (bottom-right
+            # causal): SDPA's visibility, as positions are always consecutive from the cache length.
             cache = self.kv_cache
             out = self.flash_attn(q.transpose(1, 2), cache.k, cache.v, k=k.transpose(1, 2), v=v.transpose(1, 2),
-                                  cache_seqlens=mask, causal=True)
+                                  cache_seqlens=cache_lens, causal=True)
             return self.o_proj(out.reshape(bsz, seqlen, -1))
         k_all, v_all = self.kv_cache.update(positions, k, v)
         out = F.scaled_dot_product_attention(
-            q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=mask,
+            q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=visible,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -127,8 +128,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, mask, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len)
+    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, visible, cache_lens, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -184,13 +185,14 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos = self.rope_cos[positions][None, None]
         sin = self.rope_sin[positions][None, None]
+        visible = cache_lens = None
         if self.attention == "flash":
-            mask = positions[:1].to(torch.int32).repeat(tokens.shape[0])
+            cache_lens = positions[:1].to(torch.int32).repeat(tokens.shape[0])
         else:
             # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
-            mask = self.cache_positions[:kv_len][None, :] <= positions[:, None]
+            visible = self.cache_positions[:kv_len][None, :] <= positions[:, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask, kv_len)
+            x = layer(x, cos, sin, positions, visible, cache_lens, kv_len)
         hidden = self.model.norm(x)
         logits = None if logits_from is None else self.lm_head(hidden[:, logits_from:]).float()
         return logits, hidden

@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autojudge.engine.engine import MODES, check_window
+from autojudge.engine.request import JUDGE_MODES, MODES, check_request, check_threshold
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import load_judge_for_engine
-from autojudge.mining.checkers import gsm8k_checker, humaneval_checker
-from autojudge.mining.prompts import build_messages
 from autojudge.progress import progress
+from autojudge.tasks.checkers import gsm8k_checker, humaneval_checker
+from autojudge.tasks.prompts import build_messages
 
-JUDGE_MODES = ("autojudge", "judge")
 CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
 # Rows made under a different value of any of these measure something else; resuming would mix them.
 RESUME_KEYS = ("dataset", "split", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device")
@@ -47,10 +46,9 @@ def parse_thresholds(text: str | None) -> list[float] | None:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError as err:
         raise AutojudgeError(f"--thresholds {text!r}: expected comma-separated numbers such as 0.1,0.3") from err
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad or not values:
-        raise AutojudgeError(f"--thresholds {text!r}: every threshold must be in (0, 1]")
-    return sorted(set(values))
+    if not values:
+        raise AutojudgeError(f"--thresholds {text!r}: expected comma-separated numbers such as 0.1,0.3")
+    return sorted({check_threshold(v) for v in values})
 
 
 def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, window: int,
@@ -59,14 +57,10 @@ def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, 
     judged = [m for m in modes if m in JUDGE_MODES]
     if thresholds is not None and not judged:
         raise AutojudgeError("--thresholds apply to modes autojudge and judge; add one to --modes or drop them")
-    if judged and not has_judge:
-        raise AutojudgeError(f"mode {judged[0]!r} needs a judge; pass --judge PATH (or drop it from --modes)")
     if has_judge and not judged:
         raise AutojudgeError("--judge applies to modes autojudge and judge; add one to --modes or drop --judge")
-    if modes != ["target"]:
-        check_window(window)
-    if max_new_tokens < 1:
-        raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    for mode in modes:
+        check_request(mode, window=window, max_new_tokens=max_new_tokens, has_judge=has_judge and mode in judged)
 
 
 def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None) -> list[Run]:

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from autojudge.engine.request import JUDGE_MODES, check_threshold
 from autojudge.errors import AutojudgeError
+from autojudge.judge.features import BLOCKS
 from autojudge.judge.train import TrainResult
 
 FORMAT = "autojudge-judge"
 VERSION = 1
-SETUP_BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
 
 
 def judge_paths(path: str | Path) -> tuple[Path, Path]:
@@ -50,7 +51,7 @@ def save_judge(stem: str | Path, result: TrainResult, feature_meta: dict) -> tup
         "version": VERSION,
         "kind": feature_meta["kind"],
         "setup": setup,
-        "feature_blocks": list(SETUP_BLOCKS[setup]),
+        "feature_blocks": list(BLOCKS[setup]),
         "hidden_sizes": feature_meta["hidden_sizes"],
         "fingerprints": feature_meta["fingerprints"],
         "models": feature_meta["models"],
@@ -103,21 +104,27 @@ class Judge:
 
     @property
     def uses_draft(self) -> bool:
-        return "draft" in SETUP_BLOCKS[self.setup]
+        return "draft" in BLOCKS[self.setup]
 
     def p_important(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(features.to(torch.float32) @ self.weight + float(self.bias))
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold stored with the judge; the engine decodes with it unless given another."""
+        stored = self.meta.get("default_threshold")
+        if stored is None:
+            raise AutojudgeError("this judge stores no default threshold; pass a threshold")
+        return check_threshold(stored["value"])
 
     def threshold_for(self, recall: float | None = None, threshold: float | None = None) -> float:
         """An explicit threshold, the one reaching `recall` of important tokens, or the file's default."""
         if recall is not None and threshold is not None:
             raise AutojudgeError("give a judge recall level or a threshold, not both")
         if threshold is not None:
-            if not 0.0 <= threshold <= 1.0:
-                raise AutojudgeError(f"judge threshold must be in [0, 1], got {threshold}")
-            return float(threshold)
+            return check_threshold(threshold)
         if recall is None:
-            return float(self.meta["default_threshold"]["value"])
+            return self.default_threshold
         for key, tau in self.thresholds["recall"].items():
             if math.isclose(float(key), recall):
                 return float(tau)
@@ -161,12 +168,12 @@ def load_judge(path: str | Path, target, draft=None) -> Judge:
             f"{json_path} is not a version-{VERSION} autojudge judge file; retrain with `autojudge train`"
         )
     setup = meta["setup"]
-    for block in SETUP_BLOCKS[setup]:
+    for block in BLOCKS[setup]:
         _check_model(meta, block, target if block == "target" else draft, json_path)
     # On the target's device: the verify step reads the weight there every cycle.
     tensors = load_file(str(st_path), device=str(target.device))
     weight, bias = tensors["weight"].to(torch.float32), tensors["bias"].to(torch.float32).cpu()
-    expected = sum(meta["hidden_sizes"][b] for b in SETUP_BLOCKS[setup])
+    expected = sum(meta["hidden_sizes"][b] for b in BLOCKS[setup])
     if weight.shape != (expected,) or bias.shape != (1,):
         raise AutojudgeError(
             f"{st_path} holds weight {tuple(weight.shape)} / bias {tuple(bias.shape)} but its metadata "
@@ -176,7 +183,7 @@ def load_judge(path: str | Path, target, draft=None) -> Judge:
 
 
 SHIPPED_JUDGES = "judges"
-KIND_FOR_MODE = {"autojudge": "autojudge", "judge": "judge-decoding"}
+KIND_FOR_MODE = dict(zip(JUDGE_MODES, ("autojudge", "judge-decoding"), strict=True))
 
 
 def load_judge_for_engine(path: str | Path, engine, mode: str | None = None) -> Judge:

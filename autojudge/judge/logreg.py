@@ -1,31 +1,31 @@
-"""StandardScaler + L2 logistic regression in float64 torch (full-batch L-BFGS, deterministic).
+"""The judge head: scikit-learn's StandardScaler and L2 LogisticRegression, as the AutoJudge authors train it,
+held as float64 torch tensors so that it folds into the judge file's raw-feature weight and bias.
 
-The objective is scikit-learn's: 0.5 * ||w||^2 + C * sum_i logloss_i, intercept unpenalized, so C
-values mean the same as in the AutoJudge authors' training scripts.
+The objective is scikit-learn's: 0.5 * ||w||^2 + C * sum_i logloss_i, intercept unpenalized.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+# Tighter than scikit-learn's default 1e-4: the warm-started C sweep and the tests compare optima, not rankings.
+TOLERANCE = 1e-10
 
 
 @dataclass
 class Scaler:
     mean: torch.Tensor  # [D] float64
-    scale: torch.Tensor  # [D] float64
+    scale: torch.Tensor  # [D] float64; 1 for constant features, as StandardScaler leaves them
 
     @classmethod
     def fit(cls, x: torch.Tensor) -> Scaler:
-        x = x.to(torch.float64)
-        mean = x.mean(0)
-        std = x.std(0, correction=0)
-        # Constant features would divide by zero; scikit-learn leaves them unscaled too.
-        scale = torch.where(std > 0, std, torch.ones_like(std))
-        return cls(mean, scale)
+        fitted = StandardScaler().fit(_numpy(x))
+        return cls(torch.from_numpy(fitted.mean_), torch.from_numpy(fitted.scale_))
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to(torch.float64) - self.mean) / self.scale
@@ -51,56 +51,20 @@ class LinearHead:
         return w, self.bias - float((w * self.scaler.mean).sum())
 
 
-@contextmanager
-def _threads_for(elements: int):
-    """One intra-op thread for small problems: waking the pool costs more than the matmul saves
-    (measured 40x slower per L-BFGS step on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    if elements < 1_000_000:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float64).cpu().numpy()
 
 
-def fit_logreg(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    c: float,
-    init: tuple[torch.Tensor, float] | None = None,
-    max_iter: int = 2000,
-) -> tuple[torch.Tensor, float]:
-    """Minimize 0.5*||w||^2 + c * sum logloss over (w, b); x is already standardized."""
-    x = x.to(torch.float64)
-    y = y.to(torch.float64)
-    n, d = x.shape
-    params = torch.zeros(d + 1, dtype=torch.float64)
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.Tensor, float] | None = None,
+               max_iter: int = 5000) -> tuple[torch.Tensor, float]:
+    """(w, b) minimizing 0.5*||w||^2 + c * sum logloss; x is already standardized. `init` warm-starts L-BFGS
+    (the previous, more regularized C of a sweep: the same optimum in fewer iterations)."""
+    model = LogisticRegression(C=c, tol=TOLERANCE, max_iter=max_iter, warm_start=init is not None)
     if init is not None:
-        params[:d] = init[0]
-        params[d] = init[1]
-    else:
-        rate = y.mean().clamp(1e-6, 1 - 1e-6)
-        params[d] = torch.log(rate / (1 - rate))
-    params.requires_grad_(True)
-    # Dividing the objective by c*n keeps its scale O(1) across the C grid; the minimizer is unchanged.
-    ridge = 1.0 / (2.0 * c * n)
-    opt = torch.optim.LBFGS(
-        [params], lr=1.0, max_iter=max_iter, max_eval=max_iter * 2, history_size=20,
-        tolerance_grad=1e-12, tolerance_change=1e-16, line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        z = x @ params[:d] + params[d]
-        loss = F.binary_cross_entropy_with_logits(z, y) + ridge * params[:d].square().sum()
-        loss.backward()
-        return loss
-
-    with _threads_for(n * d):
-        opt.step(closure)
-    params = params.detach()
-    return params[:d].clone(), float(params[d])
+        model.coef_ = _numpy(init[0])[None, :].copy()
+        model.intercept_ = np.array([init[1]])
+    model.fit(_numpy(x), _numpy(y).astype(np.int64))
+    return torch.from_numpy(model.coef_[0].copy()), float(model.intercept_[0])
 
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, c: float) -> LinearHead:

@@ -1,7 +1,9 @@
 """Ranking metrics and threshold choice for judge scores (p_important).
 
 Convention everywhere: a score is P(important); the decoder accepts a draft/target mismatch
-when p_important < tau, so "predicted important" means p_important >= tau.
+when p_important < tau, so "predicted important" means p_important >= tau. ROC-AUC is scikit-learn's; the
+threshold rules below are ours because they are one-liners over sorted scores that scikit-learn has no
+function for (precision_recall_curve would need the same search on top of it).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 
 def _as_f64(x) -> torch.Tensor:
@@ -16,19 +19,11 @@ def _as_f64(x) -> torch.Tensor:
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve from average ranks (Mann-Whitney U), so tied scores count 1/2."""
-    y = _as_f64(labels) > 0.5
-    s = _as_f64(scores)
-    n_pos = int(y.sum())
-    n_neg = y.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (tied scores count 1/2), by scikit-learn."""
+    y = (_as_f64(labels) > 0.5).numpy()
+    if y.all() or not y.any():
         raise ValueError("ROC-AUC needs both classes")
-    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
-    before = torch.cumsum(counts, 0) - counts
-    avg_rank = before.to(torch.float64) + (counts.to(torch.float64) + 1.0) / 2.0
-    ranks = avg_rank[inverse]
-    u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+    return float(roc_auc_score(y, _as_f64(scores).numpy()))
 
 
 def threshold_for_recall(labels, scores, recall: float) -> float:

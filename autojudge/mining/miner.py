@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from autojudge.mining.checkers import Checker
-from autojudge.mining.datasets import Problem
+from autojudge.tasks.checkers import Checker
+from autojudge.tasks.datasets import Problem
 
 # A previous continuation is proposed again when its n-gram matches the end of the new text.
 _NGRAMS = (4, 3, 2)

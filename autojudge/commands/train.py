@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.judge.features import SETUPS, feature_set
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)

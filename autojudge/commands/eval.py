@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.commands.options import engine_from_options, engine_options
 
 
 def rows_path(out: Path) -> Path:
@@ -37,7 +37,7 @@ def eval_cmd(dataset, split, limit, modes, thresholds, judge_path, window, max_n
     from autojudge.errors import AutojudgeError
     from autojudge.eval import runner
     from autojudge.eval.report import build_report, markdown_table, plot_pareto, write_report
-    from autojudge.mining.datasets import load_dataset
+    from autojudge.tasks.datasets import load_dataset
 
     mode_list = runner.parse_modes(modes or ("target,speculative,autojudge" if judge_path else "target,speculative"))
     taus = runner.parse_thresholds(thresholds)

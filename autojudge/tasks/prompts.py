@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autojudge.errors import AutojudgeError
-from autojudge.mining.datasets import Problem
+from autojudge.tasks.datasets import Problem
 
 DEFAULT_TEMPLATES = {
     "gsm8k": (

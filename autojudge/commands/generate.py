@@ -1,4 +1,4 @@
-"""`autojudge generate` and `autojudge bench`."""
+"""`autojudge generate`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import sys
 
 import click
 
-from autojudge.engine.engine import MAX_WINDOW, MODES, check_window
-from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.engine.request import JUDGE_MODES, MAX_WINDOW, MODES, check_request
 from autojudge.errors import AutojudgeError
+from autojudge.judge.judge_file import load_judge_for_engine
 
 
 @click.command()
@@ -32,10 +33,12 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise AutojudgeError("empty prompt: pass text as an argument or on stdin")
-    if mode != "target" and draft == "none":
-        raise AutojudgeError(f"mode {mode!r} needs a draft model; drop --draft none or use --mode target")
-    if mode != "target":
-        check_window(window)
+    # Judge modes load the default judge when no --judge is given.
+    check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
+                  has_draft=draft != "none", has_judge=mode in JUDGE_MODES or judge_path is not None,
+                  threshold=threshold)
+    if recall is not None and mode not in JUDGE_MODES:
+        raise AutojudgeError(f"--recall applies to modes autojudge and judge, not {mode!r}")
     engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels,
                                  cuda_graphs)
     judge, threshold = _judge_for(engine, mode, judge_path, threshold, recall)
@@ -51,26 +54,7 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
 
 
 def _judge_for(engine, mode, judge_path, threshold, recall):
-    if mode not in ("autojudge", "judge"):
-        if judge_path or threshold is not None or recall is not None:
-            raise AutojudgeError(f"--judge/--threshold/--recall apply to modes autojudge and judge, not {mode!r}")
+    if mode not in JUDGE_MODES:
         return None, None
-    from autojudge.judge.judge_file import load_judge_for_engine
-
     judge = load_judge_for_engine(judge_path or "default", engine, mode)
     return judge, judge.threshold_for(recall=recall, threshold=threshold)
-
-
-@click.command()
-@engine_options
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--window", default=8, show_default=True, type=int)
-@click.option("--prompts", default=3, show_default=True, type=int, help="How many GSM8K test prompts.")
-@click.option("--hf/--no-hf", default=True, show_default=True, help="Also time transformers' generate.")
-def bench(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, max_new_tokens, window, prompts, hf):
-    """Tokens/s of target-only and speculative decoding (and transformers' generate) in one process."""
-    from autojudge.engine.benchmark import run_generation_bench
-
-    engine = engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs)
-    click.echo(run_generation_bench(engine, max_new_tokens=max_new_tokens, window=window, n_prompts=prompts,
-                                    with_transformers=hf))

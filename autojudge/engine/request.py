@@ -1,0 +1,43 @@
+"""What a decode request may ask for: the modes, the window range, the judge threshold range, and the one check
+that the engine runs on every request and that the command line and eval run before loading any model."""
+
+from __future__ import annotations
+
+from autojudge.errors import AutojudgeError
+
+MODES = ("target", "speculative", "autojudge", "judge")
+JUDGE_MODES = ("autojudge", "judge")  # the lossy modes: a judge may keep a mismatching draft token
+MAX_WINDOW = 64
+
+
+def check_threshold(threshold: float) -> float:
+    """A judge keeps a mismatch when p_important < threshold: 0 keeps none (lossless), 1 keeps nearly all."""
+    if not 0.0 <= threshold <= 1.0:
+        raise AutojudgeError(f"judge threshold must be in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+def check_request(mode: str, *, window: int, max_new_tokens: int, temperature: float = 0.0, has_draft: bool = True,
+                  has_judge: bool = False, threshold: float | None = None) -> None:
+    """Refuses an inconsistent request with one line naming the fix. `has_judge`: a judge was given, or will be
+    (the command line loads the default judge for the judge modes)."""
+    if mode not in MODES:
+        raise AutojudgeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if max_new_tokens < 1:
+        raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise AutojudgeError(f"--temperature must be >= 0, got {temperature}")
+    if mode != "target":
+        if not has_draft:
+            raise AutojudgeError(f"mode {mode!r} needs a draft model; pass --draft (not 'none') or use --mode target")
+        if not 1 <= window <= MAX_WINDOW:
+            raise AutojudgeError(f"--window must be between 1 and {MAX_WINDOW}, got {window}")
+    if mode in JUDGE_MODES:
+        if not has_judge:
+            raise AutojudgeError(f"mode {mode!r} needs a judge; pass --judge PATH or --judge default")
+        if temperature > 0:
+            raise AutojudgeError(f"mode {mode!r} decodes greedily; drop --temperature")
+    elif has_judge or threshold is not None:
+        raise AutojudgeError(f"a judge and its threshold are used only in modes autojudge and judge, not {mode!r}")
+    if threshold is not None:
+        check_threshold(threshold)
