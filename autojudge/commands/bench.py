@@ -10,6 +10,7 @@ import click
 import torch
 
 from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.engine.request import DEFAULT_WINDOW
 
 
 def gsm8k_test_questions(n: int) -> list[str]:
@@ -71,7 +72,7 @@ def run_generation_bench(engine, max_new_tokens: int, window: int, n_prompts: in
 @click.command()
 @engine_options
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--window", default=8, show_default=True, type=int)
+@click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int)
 @click.option("--prompts", default=3, show_default=True, type=int, help="How many GSM8K test prompts.")
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Also time transformers' generate.")
 def bench(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, max_new_tokens, window, prompts, hf):

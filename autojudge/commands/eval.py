@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.engine.request import DEFAULT_WINDOW
 
 
 def rows_path(out: Path) -> Path:
@@ -24,7 +25,7 @@ def rows_path(out: Path) -> Path:
               help="Comma-separated judge thresholds in (0, 1] for modes autojudge/judge "
                    "[default: the judge's stored recall-based thresholds].")
 @click.option("--judge", "judge_path", default=None, help="Judge file for modes autojudge/judge: PATH or 'default'.")
-@click.option("--window", default=8, show_default=True, type=int, help="Draft tokens per cycle.")
+@click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help="Draft tokens per cycle.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report (JSON).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,

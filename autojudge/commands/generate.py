@@ -8,7 +8,14 @@ import sys
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
-from autojudge.engine.request import JUDGE_MODES, MAX_WINDOW, MODES, check_request
+from autojudge.engine.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_WINDOW,
+    JUDGE_MODES,
+    MAX_WINDOW,
+    MODES,
+    check_request,
+)
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import load_judge_for_engine
 
@@ -17,8 +24,8 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.argument("prompt", required=False)
 @engine_options
 @click.option("--mode", type=click.Choice(MODES), default="speculative", show_default=True)
-@click.option("--window", default=8, show_default=True, type=int, help=f"Draft tokens per cycle (1..{MAX_WINDOW}).")
-@click.option("--max-new-tokens", default=256, show_default=True, type=int)
+@click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help=f"Draft tokens per cycle (1..{MAX_WINDOW}).")
+@click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 decodes greedily.")
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens.")

@@ -7,6 +7,7 @@ import re
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.errors import AutojudgeError
 from autojudge.mining.miner import Miner, MiningOptions
 from autojudge.mining.store import LabelStore
@@ -77,7 +78,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
 @click.option("--shard", default="0/1", show_default=True, help="I/N: mine problems whose index % N == I.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
               help="Token budget of every answer, continuations included.")
-@click.option("--window", default=8, show_default=True, type=int, help="Draft tokens per speculative cycle.")
+@click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help="Draft tokens per speculative cycle.")
 @click.option("--prompt-template", default=None,
               help="Chat prompt with '{question}' where the problem goes [default: per task].")
 @click.option("--speculative/--no-speculative", default=True, show_default=True,

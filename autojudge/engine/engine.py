@@ -11,7 +11,7 @@ import torch
 from autojudge.engine import loading
 from autojudge.engine.cuda_graphs import CudaGraphs
 from autojudge.engine.decoder import Decoder
-from autojudge.engine.request import check_request
+from autojudge.engine.request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_WINDOW, check_request
 from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
 from autojudge.errors import AutojudgeError
 from autojudge.kernels import VerifyOutput
@@ -99,9 +99,9 @@ class Engine:
     def encode_prompt(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.target.config.vocab_size)
 
-    def generate(self, prompt, max_new_tokens: int = 256, mode: str = "speculative", window: int = 8,
-                 ignore_eos: bool = False, temperature: float = 0.0, seed: int | None = None,
-                 judge=None, threshold: float | None = None) -> GenerationOutput:
+    def generate(self, prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str = "speculative",
+                 window: int = DEFAULT_WINDOW, ignore_eos: bool = False, temperature: float = 0.0,
+                 seed: int | None = None, judge=None, threshold: float | None = None) -> GenerationOutput:
         steps = list(self._decode(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
                                   threshold))
         prompt_ids, _, stats = steps[-1]
@@ -127,7 +127,8 @@ class Engine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(self, prompt, max_new_tokens=256, mode="speculative", window=8, ignore_eos=False,
+    def _decode(self, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, mode="speculative", window=DEFAULT_WINDOW,
+                ignore_eos=False,
                 temperature=0.0, seed=None, judge=None, threshold=None):
         """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle.
         `threshold` None means the judge's own default (the one its file stores)."""

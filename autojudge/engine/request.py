@@ -8,6 +8,8 @@ from autojudge.errors import AutojudgeError
 MODES = ("target", "speculative", "autojudge", "judge")
 JUDGE_MODES = ("autojudge", "judge")  # the lossy modes: a judge may keep a mismatching draft token
 MAX_WINDOW = 64
+DEFAULT_WINDOW = 8
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def check_threshold(threshold: float) -> float:

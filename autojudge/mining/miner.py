@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.tasks.checkers import Checker
 from autojudge.tasks.datasets import Problem
 
@@ -33,7 +34,7 @@ _FIRST_PROPOSAL = 32
 @dataclass(frozen=True)
 class MiningOptions:
     max_new_tokens: int = 256
-    window: int = 8
+    window: int = DEFAULT_WINDOW
     speculative: bool = True  # continuations by lossless speculative decoding
     # The previous continuation as a free draft: its checks run from the cached prefix, so they cost
     # little, and on the default pair it cut mining time by 1.6x (bench/RESULTS.md).
