@@ -128,8 +128,7 @@ class Engine:
     # ------------------------------------------------------------------ decoding
 
     def _decode(self, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, mode="speculative", window=DEFAULT_WINDOW,
-                ignore_eos=False,
-                temperature=0.0, seed=None, judge=None, threshold=None):
+                ignore_eos=False, temperature=0.0, seed=None, judge=None, threshold=None):
         """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle.
         `threshold` None means the judge's own default (the one its file stores)."""
         check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
