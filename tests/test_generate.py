@@ -129,6 +129,19 @@ def test_generation_stops_at_full_cache(tiny_pair):
     assert target.stats.finish_reason == "cache_full" and len(prompt) + len(target.token_ids) == 40
 
 
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 8])
+def test_a_fully_accepted_window_at_the_cache_end(tiny_pair, window):
+    """A draft equal to the target accepts every window, so cycles run into the last cache slot."""
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[0]), max_seq_len=40,
+                                    kernels="eager")
+    for prompt_len in range(24, 33):
+        prompt = list(range(1, 1 + prompt_len))
+        target = engine.generate(prompt, max_new_tokens=100, mode="target", ignore_eos=True)
+        spec = engine.generate(prompt, max_new_tokens=100, mode="speculative", window=window, ignore_eos=True)
+        assert spec.token_ids == target.token_ids, prompt_len
+        assert spec.stats.finish_reason == "cache_full" and prompt_len + len(spec.token_ids) == 40
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(window=0), "--window"),
     (dict(window=65), "--window"),

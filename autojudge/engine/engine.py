@@ -199,11 +199,14 @@ class Engine:
     def _target_steps(self, prompt_ids, sampler, stats):
         yield [self._start(prompt_ids, sampler, stats)]
         while True:
-            pos = self._seq_len - 1
-            logits, _ = self._forward(self.target, pos, pos + 1, 0)
-            self._tokens[pos + 1] = sampler.sample(logits[-1])
-            self._seq_len += 1
-            yield [int(self._tokens[pos + 1])]
+            yield [self._target_step(sampler)]
+
+    def _target_step(self, sampler) -> int:
+        pos = self._seq_len - 1
+        logits, _ = self._forward(self.target, pos, pos + 1, 0)
+        self._tokens[pos + 1] = sampler.sample(logits[-1])
+        self._seq_len += 1
+        return int(self._tokens[pos + 1])
 
     def _speculative_steps(self, prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens):
         """Cycle after cycle: draft k tokens, verify them in one target pass, commit the accepted ones and the
@@ -218,8 +221,12 @@ class Engine:
         while True:
             seq_len = self._seq_len
             # A cycle yields up to k + 1 tokens: drafting past the tokens still wanted would be thrown away
-            # (mining asks for short pieces of text many times over).
-            k = min(window, self.target.max_seq_len - seq_len, max(wanted - 1, 1))
+            # (mining asks for short pieces of text many times over), and the token after k accepted ones needs
+            # a cache slot too.
+            k = min(window, self.target.max_seq_len - seq_len - 1, max(wanted - 1, 1))
+            if k < 1:  # one slot left: the target fills it, as target-only decoding would
+                yield [self._target_step(sampler)]
+                continue
             cycle.clock.mark(0)
             self._draft(cycle, seq_len, k)
             cycle.clock.mark(1)
