@@ -324,10 +324,16 @@ from autojudge.kernels.triton_verify import _verify_kernel as fn
 pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
             "offset_ptr": "*i64", "part_idx_ptr": "*i32", "counter_ptr": "*i32", "num_acc_ptr": "*i64",
             "next_tok_ptr": "*i64", "std_ok_ptr": "*i8", "judge_ok_ptr": "*i8"}
-for flags in ({"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "SEEDED": False, "OFFSET_FROM_PTR": False},
-              {"SAMPLING": True, "HAS_JUDGE": True, "HAS_F2": False, "SEEDED": True, "OFFSET_FROM_PTR": True},
-              {"SAMPLING": True, "HAS_JUDGE": False, "HAS_F2": False, "SEEDED": False, "OFFSET_FROM_PTR": False}):
-    consts = {"S_PAD": 32, "K_PAD": 8, "BLOCK_V": 2048, "BLOCK_D": 1024, **flags}
+# Phase 2's tile from the largest (64 splits x 65 rows -> 64 x 128) down to a single element.
+for pads, flags in (
+    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "SEEDED": False,
+                                   "OFFSET_FROM_PTR": False}),
+    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": True, "HAS_JUDGE": True, "HAS_F2": False, "SEEDED": True,
+                                   "OFFSET_FROM_PTR": True}),
+    ({"S_PAD": 1, "R_PAD": 2}, {"SAMPLING": True, "HAS_JUDGE": False, "HAS_F2": False, "SEEDED": False,
+                                "OFFSET_FROM_PTR": False}),
+):
+    consts = {**pads, "BLOCK_V": 2048, "BLOCK_D": 1024, **flags}
     sig = {}
     for name in fn.arg_names:
         if name in consts:

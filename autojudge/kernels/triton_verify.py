@@ -8,6 +8,11 @@ takes a ticket from a per-sequence atomic counter; the last of the (K+1)*S progr
 combines the partials, runs the accept scan, draws the next token (one extra pass over a single
 row, only when sampling) and resets the counter, so a reused workspace is ready for the next
 cycle (or CUDA-graph replay) without a memset.
+
+That last program starts only once all the others of its sequence are done, so its latency is
+the step's tail. It therefore handles all K+1 rows at once (an ``[R_PAD, S_PAD]`` tile of partials,
+R_PAD = next power of two of K+1, reduced per row, and the first rejection found by a reduction)
+instead of scanning the rows, whose dependent loads cost one L2 round trip per drafted token.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def _verify_kernel(
     part_max_ptr, part_idx_ptr, part_sum_ptr, counter_ptr,
     num_acc_ptr, next_tok_ptr, std_ok_ptr, judge_ok_ptr, judge_prob_ptr,
     K, V, split_len, S,
-    S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr,
     SEEDED: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
 ):
@@ -128,62 +133,61 @@ def _verify_kernel(
         return
 
     # ---- phase 2 (last program of sequence b): combine, accept scan, next token ----------------
+    # All rows at once, as an [R_PAD, S_PAD] tile or [R_PAD] vectors: no serial round trip per row.
     if OFFSET_FROM_PTR:
         offset = tl.load(offset_ptr).to(tl.int64)
     else:
         offset = offset_val.to(tl.int64)
-    if SEEDED:
-        # All K accept-test uniforms in one Philox call, off the scan's serial path.
-        offs_k = tl.arange(0, K_PAD)
-        u_seeded = _uniform(seed, offset, offs_k * 0 + V, b * (K + 1) + offs_k)
+    offs_r = tl.arange(0, R_PAD)
+    is_draft = offs_r < K
     offs_s = tl.arange(0, S_PAD)
-    s_mask = offs_s < S
-    num_acc = K
-    sel_max = float("-inf")
-    sel_sum = 0.0
-    sel_tok = 0
-    for rr in range(K + 1):
-        parts = (b * (K + 1) + rr) * S + offs_s
-        # .cg: read through L2, never a stale L1 line of another SM's partial.
-        pmax = tl.load(part_max_ptr + parts, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        row_max = tl.max(pmax, 0)
-        is_draft = rr < K
-        kk = tl.minimum(rr, K - 1)
-        d = tl.load(draft_ptr + b * stride_db + kk * stride_dk).to(tl.int64)
-        in_vocab = (d >= 0) & (d < V)
-        d_safe = tl.where(in_vocab, d, 0)
-        if SAMPLING:
-            psum = tl.load(part_sum_ptr + parts, mask=s_mask, other=0.0, cache_modifier=".cg")
-            row_sum = tl.sum(tl.where(pmax > float("-inf"), psum * tl.exp(pmax - row_max), 0.0), 0)
-            row_tok = 0
-            x_d = _load_row_x(logits_ptr + b * stride_lb + rr * stride_lr, d_safe, d_safe < V, temperature, True)
-            p_d = tl.where(row_sum > 0, tl.exp(x_d - row_max) / row_sum, 0.0)
-            q_d = tl.load(q_ptr + b * stride_qb + kk * stride_qk + d_safe).to(tl.float32)
-            if SEEDED:
-                u = tl.sum(tl.where(offs_k == rr, u_seeded, 0.0), 0)
-            else:
-                u = tl.load(u_ptr + b * stride_ub + kk * stride_uk).to(tl.float32)
-            std_ok = in_vocab & (u * q_d <= p_d)
+    parts = (b * (K + 1) + offs_r)[:, None] * S + offs_s[None, :]
+    tile_mask = (offs_r < K + 1)[:, None] & (offs_s < S)[None, :]
+    # .cg: read through L2, never a stale L1 line of another SM's partial.
+    pmax = tl.load(part_max_ptr + parts, mask=tile_mask, other=float("-inf"), cache_modifier=".cg")
+    row_max = tl.max(pmax, 1)
+    # Padding rows and the bonus row read no draft: -1 is out of vocabulary, so never std-accepted.
+    d = tl.load(draft_ptr + b * stride_db + offs_r * stride_dk, mask=is_draft, other=-1).to(tl.int64)
+    in_vocab = (d >= 0) & (d < V)
+    d_safe = tl.where(in_vocab, d, 0)
+    if SAMPLING:
+        # Rows with no finite logit (padding rows too) have max -inf and sum 0: the safe max and
+        # divisor give the same sums and p_d, without computing -inf - -inf or 0 / 0 on the way.
+        row_max_safe = tl.where(row_max > float("-inf"), row_max, 0.0)
+        psum = tl.load(part_sum_ptr + parts, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        row_sum = tl.sum(tl.where(pmax > float("-inf"), psum * tl.exp(pmax - row_max_safe[:, None]), 0.0), 1)
+        x_d = _load_row_x(logits_ptr + b * stride_lb + offs_r * stride_lr, d_safe, is_draft, temperature, True)
+        has_mass = row_sum > 0
+        p_d = tl.where(has_mass, tl.exp(x_d - row_max_safe) / tl.where(has_mass, row_sum, 1.0), 0.0)
+        q_d = tl.load(q_ptr + b * stride_qb + offs_r * stride_qk + d_safe, mask=is_draft, other=0.0).to(tl.float32)
+        if SEEDED:
+            u = _uniform(seed, offset, offs_r * 0 + V, b * (K + 1) + offs_r)
         else:
-            row_sum = 0.0
-            pidx = tl.load(part_idx_ptr + parts, mask=s_mask, other=V, cache_modifier=".cg")
-            # Splits are in vocabulary order, so the smallest index among tied maxima is the
-            # global lowest-index argmax.
-            row_tok = tl.min(tl.where(pmax == row_max, pidx, V), 0)
-            std_ok = row_tok == d
-        if HAS_JUDGE:
-            jp = tl.load(judge_prob_ptr + b * K + kk, cache_modifier=".cg")
-            judge_ok = jp < threshold
-        else:
-            judge_ok = std_ok & False
-            tl.store(judge_prob_ptr + b * K + kk, 0.0, mask=is_draft)
-        tl.store(std_ok_ptr + b * K + kk, std_ok.to(tl.int8), mask=is_draft)
-        tl.store(judge_ok_ptr + b * K + kk, judge_ok.to(tl.int8), mask=is_draft)
-        num_acc = tl.where(is_draft & (num_acc == K) & ~(std_ok | judge_ok), rr, num_acc)
-        chosen = rr == num_acc
-        sel_max = tl.where(chosen, row_max, sel_max)
-        sel_sum = tl.where(chosen, row_sum, sel_sum)
-        sel_tok = tl.where(chosen, row_tok, sel_tok)
+            u = tl.load(u_ptr + b * stride_ub + offs_r * stride_uk, mask=is_draft, other=0.0).to(tl.float32)
+        std_ok = in_vocab & (u * q_d <= p_d)
+    else:
+        pidx = tl.load(part_idx_ptr + parts, mask=tile_mask, other=V, cache_modifier=".cg")
+        # Splits are in vocabulary order, so the smallest index among tied maxima is the global
+        # lowest-index argmax.
+        row_tok = tl.min(tl.where(pmax == row_max[:, None], pidx, V), 1)
+        std_ok = row_tok == d
+    if HAS_JUDGE:
+        jp = tl.load(judge_prob_ptr + b * K + offs_r, mask=is_draft, other=1.0, cache_modifier=".cg")
+        judge_ok = jp < threshold
+    else:
+        judge_ok = std_ok & False
+        tl.store(judge_prob_ptr + b * K + offs_r, tl.zeros([R_PAD], dtype=tl.float32), mask=is_draft)
+    tl.store(std_ok_ptr + b * K + offs_r, std_ok.to(tl.int8), mask=is_draft)
+    tl.store(judge_ok_ptr + b * K + offs_r, judge_ok.to(tl.int8), mask=is_draft)
+    num_acc = tl.min(tl.where(is_draft & ~(std_ok | judge_ok), offs_r, K), 0)
+    # Row num_acc's values, picked by masked reductions that are exact with a single survivor.
+    chosen = offs_r == num_acc
+    if SAMPLING:
+        sel_max = tl.max(tl.where(chosen, row_max, float("-inf")), 0)
+        sel_sum = tl.sum(tl.where(chosen, row_sum, 0.0), 0)
+        sel_tok = 0
+    else:
+        sel_tok = tl.max(tl.where(chosen, row_tok, 0), 0)
 
     if SAMPLING:
         # Exponential race over row num_acc: residual max(p - q, 0) after a rejection, p for
@@ -297,8 +301,9 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         out.num_accepted, out.next_token, out.std_ok.view(torch.int8), out.judge_ok.view(torch.int8),
         out.judge_prob,
         k, v, cfg.split_len, cfg.splits,
-        # K_PAD only sizes the seeded uniforms; pinning it otherwise avoids a compile per K.
-        S_PAD=triton.next_power_of_2(cfg.splits), K_PAD=triton.next_power_of_2(k) if seeded else 1, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        # R_PAD sizes phase 2's row tile: one compile per power of two of K+1, not one per K.
+        S_PAD=triton.next_power_of_2(cfg.splits), R_PAD=triton.next_power_of_2(k + 1),
+        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         SAMPLING=inp.sampling, HAS_JUDGE=bool(inp.features), HAS_F2=len(inp.features) > 1,
         SEEDED=seeded, OFFSET_FROM_PTR=offset_is_tensor,
         num_warps=cfg.num_warps,
