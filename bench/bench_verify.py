@@ -91,7 +91,7 @@ def make_inputs(case: Case, device: torch.device) -> dict:
 
 
 def bytes_moved(case: Case) -> int:
-    """Bytes any verify step must touch: every logit (std_ok is reported for all positions), the
+    """Bytes any verify step must touch: every logit (target_ok is reported for all positions), the
     judge features and weight, and when sampling one row each of q and noise for the draw."""
     itemsize = torch.finfo(DTYPES[case.dtype]).bits // 8
     b, k, v = case.batch, case.k, case.vocab

@@ -63,7 +63,7 @@ def _poisoned(k: int) -> VerifyOutput:
     out = VerifyOutput.empty(1, k, CUDA)
     out.num_accepted.fill_(-7)
     out.next_token.fill_(-7)
-    out.std_ok.view(torch.int8).fill_(7)
+    out.target_ok.view(torch.int8).fill_(7)
     out.judge_ok.view(torch.int8).fill_(7)
     out.judge_prob.fill_(float("nan"))
     return out
@@ -95,7 +95,7 @@ def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode):
     want = verify_reference(logits, draft, **kw)
     for name in ("num_accepted", "next_token"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
-    for name in ("std_ok", "judge_ok"):  # as bytes: a poisoned 7 would pass for True
+    for name in ("target_ok", "judge_ok"):  # as bytes: a poisoned 7 would pass for True
         assert torch.equal(getattr(got, name).view(torch.int8), getattr(want, name).to(torch.int8)), name
     torch.testing.assert_close(got.judge_prob, want.judge_prob, rtol=1e-4, atol=1e-6)
 

@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def assert_same(got: VerifyOutput, want: VerifyOutput) -> None:
-    for name in ("num_accepted", "next_token", "std_ok", "judge_ok"):
+    for name in ("num_accepted", "next_token", "target_ok", "judge_ok"):
         assert torch.equal(getattr(got, name), getattr(want, name)), (
             name, getattr(got, name), getattr(want, name))
     torch.testing.assert_close(got.judge_prob, want.judge_prob, rtol=1e-4, atol=1e-6)
@@ -104,7 +104,7 @@ def test_greedy_matches_reference(b, k, v, dtype, dims, scenario):
     if scenario in expected_accepted:
         assert (out.num_accepted == expected_accepted[scenario]).all()
     if scenario == "rescued":
-        assert not out.std_ok[:, k // 2].any() and out.judge_ok[:, k // 2].all()
+        assert not out.target_ok[:, k // 2].any() and out.judge_ok[:, k // 2].all()
     rows = torch.arange(b)
     assert torch.equal(out.next_token, greedy[rows, out.num_accepted])
 
@@ -148,7 +148,7 @@ def test_nan_and_inf_policy():
     logits[0, 3, :40] = float("nan")
     draft = torch.tensor([[7, 0, 5, 0]])
     out = both(logits, draft)
-    assert out.std_ok.tolist() == [[True, True, False, True]]
+    assert out.target_ok.tolist() == [[True, True, False, True]]
     assert out.num_accepted.item() == 2 and out.next_token.item() == 11
 
     draft = torch.tensor([[7, 0, 11, 0]])
@@ -164,7 +164,7 @@ def test_nan_and_inf_policy():
         kw = {"temperature": 0.5, "draft_probs": q, "uniforms": torch.rand(1, 4, generator=gen),
                   "noise": torch.empty(1, 5, v).exponential_(generator=gen)}
         out = both(logits, draft, **kw)
-        assert out.std_ok[0, 0].item() == (first != 3)
+        assert out.target_ok[0, 0].item() == (first != 3)
         if first == 3:  # the residual of a row whose mass sits on the two +inf tokens
             assert out.next_token.item() in (7, 9)
 
@@ -176,7 +176,7 @@ def test_out_of_vocab_drafts_are_rejected(temperature):
     draft = torch.tensor([[-1, 0, 0], [64, 0, 0]])
     kw["draft_probs"][:, 0] = 0.0  # q = 0 would accept anything in range
     out = both(logits, draft, **(kw if temperature else {}))
-    assert not out.std_ok[:, 0].any() and (out.num_accepted == 0).all()
+    assert not out.target_ok[:, 0].any() and (out.num_accepted == 0).all()
 
 
 def test_ties_and_splits_across_blocks(monkeypatch):
@@ -222,7 +222,7 @@ def test_seeded_kernel_is_deterministic_and_offset_moves_it():
     b = verify(logits, draft, **kw, seed=123, offset=torch.tensor(5))
     c = verify(logits, draft, **kw, seed=123, offset=6)
     assert_same(a, b)
-    assert not (torch.equal(a.next_token, c.next_token) and torch.equal(a.std_ok, c.std_ok))
+    assert not (torch.equal(a.next_token, c.next_token) and torch.equal(a.target_ok, c.target_ok))
     ref = verify_reference(logits, draft, **kw, seed=123, offset=5)
     assert_same(ref, verify_reference(logits, draft, **kw, seed=123, offset=5))
 
@@ -323,7 +323,7 @@ from autojudge.kernels.triton_verify import _verify_kernel as fn
 
 pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
             "offset_ptr": "*i64", "part_idx_ptr": "*i32", "counter_ptr": "*i32", "num_acc_ptr": "*i64",
-            "next_tok_ptr": "*i64", "std_ok_ptr": "*i8", "judge_ok_ptr": "*i8"}
+            "next_tok_ptr": "*i64", "target_ok_ptr": "*i8", "judge_ok_ptr": "*i8"}
 # Phase 2's tile from the largest (64 splits x 65 rows -> 64 x 128) down to a single element.
 for pads, flags in (
     ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "SEEDED": False,

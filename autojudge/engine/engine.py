@@ -279,7 +279,7 @@ class Engine:
         tokens = self._tokens
         parts = [result.num_accepted, result.next_token, tokens[seq_len : seq_len + k]]
         if cycle.judge is not None:
-            parts.append((result.judge_ok[0] & ~result.std_ok[0]).long())
+            parts.append((result.judge_ok[0] & ~result.target_ok[0]).long())
         gathered = torch.cat(parts)  # queued before the commit below writes over a rejected draft slot
         # Committed on the device: a host int written into a CUDA tensor is a blocking copy, a second sync.
         tokens.index_put_((result.num_accepted + seq_len,), result.next_token)

@@ -1,17 +1,23 @@
 """Verify-step inputs and outputs shared by the Triton kernel and the eager reference.
 
-Semantics (per sequence b, drafted tokens d_0..d_{K-1}, target logits rows L_0..L_K where row i
-predicts drafted position i and row K the bonus token):
+Terms (vLLM's): of the K drafted tokens, the *accepted* ones are the leading run that passes the
+verification; the one token the target adds after them is either *recovered* (drawn in place of the
+first rejected draft token) or, when all K are accepted, the *bonus* token (drawn from row K). A cycle
+therefore emits ``num_accepted`` draft tokens plus ``next_token`` (recovered or bonus).
 
-* greedy (temperature == 0): ``std_ok_i = argmax(L_i) == d_i``.
+Semantics (per sequence b, drafted tokens d_0..d_{K-1}, target logits rows L_0..L_K where row i
+predicts drafted position i and row K the bonus token). ``target_ok`` is the lossless rule, the
+target's own verdict; ``judge_ok`` the judge's:
+
+* greedy (temperature == 0): ``target_ok_i = argmax(L_i) == d_i``.
 * sampling (temperature T > 0): p = softmax(L / T), q = ``draft_probs`` (already tempered);
-  ``std_ok_i = u_i * q_i(d_i) <= p_i(d_i)``, i.e. ``u_i <= min(1, p/q)`` without dividing
+  ``target_ok_i = u_i * q_i(d_i) <= p_i(d_i)``, i.e. ``u_i <= min(1, p/q)`` without dividing
   (q = 0 accepts). The token emitted at the first rejection j is an exponential-race draw
   ``argmax_v w_v / n_v`` with ``w = max(p_j - q_j, 0)``; after K acceptances ``w = p_K``.
   Tokens with ``w_v == 0`` score 0 whatever their noise, so a zero-probability token can only
   win when every ``w_v`` is 0 (then the lowest index, 0, is emitted).
 * judge: ``judge_prob_i = sigmoid(f_i . w + b)``, ``judge_ok_i = judge_prob_i < threshold``.
-* ``ok_i = std_ok_i | judge_ok_i``; ``num_accepted`` = index of the first not-ok position
+* ``ok_i = target_ok_i | judge_ok_i``; ``num_accepted`` = index of the first not-ok position
   (K if none); ``next_token`` = the greedy argmax / sampled token of row ``num_accepted``.
   Positions accepted only by the judge keep the drafted token: the caller emits
   ``draft_tokens[:num_accepted]`` followed by ``next_token``.
@@ -23,7 +29,7 @@ Non-finite logits (identical in kernel and reference):
   the largest finite fp32, so all +inf tokens share the probability mass equally.
 * A row that is entirely NaN / -inf has argmax 0 and, when sampling, p = 0 everywhere
   (a drafted token is then accepted only if its q is 0 too, and the draw emits token 0).
-* Drafted tokens outside [0, V) are never std-accepted (checked on device, no host sync).
+* Drafted tokens outside [0, V) are never target-accepted (checked on device, no host sync).
 
 Randomness when sampling: explicit ``uniforms`` [B, K] and exponential ``noise`` [B, K+1, V]
 give results that the kernel and the reference agree on exactly (up to fp32 rounding of p,
@@ -48,7 +54,7 @@ class VerifyOutput:
 
     num_accepted: torch.Tensor  # [B] int64
     next_token: torch.Tensor  # [B] int64
-    std_ok: torch.Tensor  # [B, K] bool
+    target_ok: torch.Tensor  # [B, K] bool
     judge_ok: torch.Tensor  # [B, K] bool
     judge_prob: torch.Tensor  # [B, K] fp32
     # The Triton path keeps its scratch (per-split partials, arrival counters) here so that a
@@ -60,7 +66,7 @@ class VerifyOutput:
         return cls(
             num_accepted=torch.empty(batch, dtype=torch.int64, device=device),
             next_token=torch.empty(batch, dtype=torch.int64, device=device),
-            std_ok=torch.empty(batch, k, dtype=torch.bool, device=device),
+            target_ok=torch.empty(batch, k, dtype=torch.bool, device=device),
             judge_ok=torch.empty(batch, k, dtype=torch.bool, device=device),
             judge_prob=torch.empty(batch, k, dtype=torch.float32, device=device),
         )
@@ -209,7 +215,7 @@ def prepare_inputs(
         expected = {
             "num_accepted": ((batch,), torch.int64),
             "next_token": ((batch,), torch.int64),
-            "std_ok": ((batch, k), torch.bool),
+            "target_ok": ((batch, k), torch.bool),
             "judge_ok": ((batch, k), torch.bool),
             "judge_prob": ((batch, k), torch.float32),
         }

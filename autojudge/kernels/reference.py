@@ -82,11 +82,11 @@ def verify_reference(
             u, n = inp.uniforms.float(), inp.noise.float()
         p_d = p[:, :k].gather(-1, safe_draft).squeeze(-1)
         q_d = q.gather(-1, safe_draft).squeeze(-1)
-        std_ok = in_vocab & (u * q_d <= p_d)
+        target_ok = in_vocab & (u * q_d <= p_d)
     else:
         x = inp.logits.float()
         greedy = torch.where(torch.isnan(x), float("-inf"), x).argmax(-1)
-        std_ok = greedy[:, :k] == draft
+        target_ok = greedy[:, :k] == draft
 
     if inp.features:
         judge_prob = _judge_probs(inp)
@@ -95,7 +95,7 @@ def verify_reference(
         judge_prob = torch.zeros(b, k, dtype=torch.float32, device=device)
         judge_ok = torch.zeros(b, k, dtype=torch.bool, device=device)
 
-    rejected = ~(std_ok | judge_ok)
+    rejected = ~(target_ok | judge_ok)
     # argmax over [rejected, True] finds the first rejection, or K when there is none.
     num_accepted = torch.cat([rejected, rejected.new_ones(b, 1)], dim=1).int().argmax(-1)
 
@@ -110,7 +110,7 @@ def verify_reference(
     o = inp.out
     o.num_accepted.copy_(num_accepted)
     o.next_token.copy_(next_token)
-    o.std_ok.copy_(std_ok)
+    o.target_ok.copy_(target_ok)
     o.judge_ok.copy_(judge_ok)
     o.judge_prob.copy_(judge_prob)
     return o

@@ -67,7 +67,7 @@ def _verify_kernel(
     w_ptr, judge_bias, threshold, temperature,
     seed, offset_val, offset_ptr,
     part_max_ptr, part_idx_ptr, part_sum_ptr, counter_ptr,
-    num_acc_ptr, next_tok_ptr, std_ok_ptr, judge_ok_ptr, judge_prob_ptr,
+    num_acc_ptr, next_tok_ptr, target_ok_ptr, judge_ok_ptr, judge_prob_ptr,
     K, V, split_len, S,
     S_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr,
@@ -146,7 +146,7 @@ def _verify_kernel(
     # .cg: read through L2, never a stale L1 line of another SM's partial.
     pmax = tl.load(part_max_ptr + parts, mask=tile_mask, other=float("-inf"), cache_modifier=".cg")
     row_max = tl.max(pmax, 1)
-    # Padding rows and the bonus row read no draft: -1 is out of vocabulary, so never std-accepted.
+    # Padding rows and the bonus row read no draft: -1 is out of vocabulary, so never target-accepted.
     d = tl.load(draft_ptr + b * stride_db + offs_r * stride_dk, mask=is_draft, other=-1).to(tl.int64)
     in_vocab = (d >= 0) & (d < V)
     d_safe = tl.where(in_vocab, d, 0)
@@ -164,22 +164,22 @@ def _verify_kernel(
             u = _uniform(seed, offset, offs_r * 0 + V, b * (K + 1) + offs_r)
         else:
             u = tl.load(u_ptr + b * stride_ub + offs_r * stride_uk, mask=is_draft, other=0.0).to(tl.float32)
-        std_ok = in_vocab & (u * q_d <= p_d)
+        target_ok = in_vocab & (u * q_d <= p_d)
     else:
         pidx = tl.load(part_idx_ptr + parts, mask=tile_mask, other=V, cache_modifier=".cg")
         # Splits are in vocabulary order, so the smallest index among tied maxima is the global
         # lowest-index argmax.
         row_tok = tl.min(tl.where(pmax == row_max[:, None], pidx, V), 1)
-        std_ok = row_tok == d
+        target_ok = row_tok == d
     if HAS_JUDGE:
         jp = tl.load(judge_prob_ptr + b * K + offs_r, mask=is_draft, other=1.0, cache_modifier=".cg")
         judge_ok = jp < threshold
     else:
-        judge_ok = std_ok & False
+        judge_ok = target_ok & False
         tl.store(judge_prob_ptr + b * K + offs_r, tl.zeros([R_PAD], dtype=tl.float32), mask=is_draft)
-    tl.store(std_ok_ptr + b * K + offs_r, std_ok.to(tl.int8), mask=is_draft)
+    tl.store(target_ok_ptr + b * K + offs_r, target_ok.to(tl.int8), mask=is_draft)
     tl.store(judge_ok_ptr + b * K + offs_r, judge_ok.to(tl.int8), mask=is_draft)
-    num_acc = tl.min(tl.where(is_draft & ~(std_ok | judge_ok), offs_r, K), 0)
+    num_acc = tl.min(tl.where(is_draft & ~(target_ok | judge_ok), offs_r, K), 0)
     # Row num_acc's values, picked by masked reductions that are exact with a single survivor.
     chosen = offs_r == num_acc
     if SAMPLING:
@@ -298,7 +298,7 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         inp.seed or 0, 0 if offset_is_tensor else int(inp.offset),
         inp.offset if offset_is_tensor else ws.counter,
         ws.part_max, ws.part_idx, ws.part_sum, ws.counter,
-        out.num_accepted, out.next_token, out.std_ok.view(torch.int8), out.judge_ok.view(torch.int8),
+        out.num_accepted, out.next_token, out.target_ok.view(torch.int8), out.judge_ok.view(torch.int8),
         out.judge_prob,
         k, v, cfg.split_len, cfg.splits,
         # R_PAD sizes phase 2's row tile: one compile per power of two of K+1, not one per K.
