@@ -72,6 +72,19 @@ def test_cache_is_keyed_and_reused(eng, tmp_path):
     assert load_features(path4).meta["fingerprints"] == {"target": eng.target.fingerprint}
 
 
+def test_labels_mined_with_other_models_are_refused(eng, tmp_path):
+    meta = {"kind": "meta", "target": eng.target.name, "target_fingerprint": eng.target.fingerprint,
+            "draft": "some-other-draft", "draft_fingerprint": "0123456789abcdef"}
+    labels = write_jsonl(tmp_path / "labels.jsonl", [meta, *label_rows(2)])
+    with pytest.raises(AutojudgeError, match=r"mined with draft some-other-draft .* loaded draft is"):
+        feature_set(eng, labels=labels, setup="DD-DT")
+    fs, _, _ = feature_set(eng, labels=labels, setup="DT")  # target-only features need only the target to match
+    assert fs.features.shape[0] == 8
+    write_jsonl(labels, [{**meta, "target_fingerprint": "fedcba9876543210"}, *label_rows(2)])
+    with pytest.raises(AutojudgeError, match="mined with target"):
+        feature_set(eng, labels=labels, setup="DT")
+
+
 def test_cache_made_in_fp32_is_not_reused_in_bf16(eng, tiny_qwen, tmp_path):
     labels = write_jsonl(tmp_path / "labels.jsonl", label_rows(3))
     fp32, path, _ = feature_set(eng, labels=labels, setup="DT")

@@ -148,6 +148,8 @@ def test_a_fully_accepted_window_at_the_cache_end(tiny_pair, window):
     (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(mode="nope"), "unknown mode"),
     (dict(temperature=-1.0), "--temperature"),
+    (dict(temperature=float("nan")), "--temperature"),
+    (dict(temperature=float("inf")), "--temperature"),
 ])
 def test_bad_arguments_raise_clear_errors(engine, kwargs, message):
     with pytest.raises(AutojudgeError, match=message):

@@ -164,6 +164,21 @@ def test_store_resume_drops_an_unfinished_problem(tmp_path):
     assert len(read_rows(path, "label")) == 3
 
 
+def test_a_second_miner_on_the_same_file_is_refused(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    code = ("import sys; from autojudge.mining.store import LabelStore\n"
+            f"LabelStore({str(path)!r}, {META!r}, resume=True)")
+    with LabelStore(path, META, resume=False) as store:
+        _add(store, "a", 1)
+        # Another process, as a second `autojudge mine --resume` would be.
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and "being written by another `autojudge mine`" in other.stderr
+        _add(store, "b", 1)
+    with LabelStore(path, META, resume=True) as store:  # free again once the first one ends
+        assert store.done == {"a", "b"}
+    assert [r["problem_id"] for r in read_rows(path, "problem")] == ["a", "b"]
+
+
 def test_store_refuses_to_overwrite_or_mix_runs(tmp_path):
     path = tmp_path / "labels.jsonl"
     LabelStore(path, META, resume=False).close()

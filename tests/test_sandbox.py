@@ -16,6 +16,13 @@ def test_passing_and_failing_code():
     assert not bad.passed and bad.returncode == 1 and "ValueError: boom" in bad.stderr_tail
 
 
+@pytest.mark.parametrize("early_exit", ["raise SystemExit(0)", "import os\nos._exit(0)", "import sys\nsys.exit(0)",
+                                        "import os\nopen('verdict', 'w').write('forged')\nos._exit(0)"])
+def test_exiting_before_the_end_is_not_a_pass(early_exit):
+    out = run_code(f"{early_exit}\nraise AssertionError('the tests would fail here')\n")
+    assert out.returncode == 0 and not out.passed
+
+
 def test_infinite_loop_is_killed_on_timeout():
     start = time.monotonic()
     result = run_code("while True:\n    pass\n", SandboxLimits(timeout_s=1))
@@ -71,6 +78,13 @@ def test_humaneval_canonical_solution_passes_and_a_wrong_one_fails(humaneval):
     assert humaneval_checker(problem, f"```python\n{problem.meta['prompt']}{canonical}```")
     assert not humaneval_checker(problem, "    return False\n")
     assert not humaneval_checker(problem, "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```")
+
+
+@pytest.mark.parametrize("body", ["    raise SystemExit(0)\n", "    import os\n    os._exit(0)\n"])
+def test_humaneval_solution_that_exits_before_its_tests_fails(humaneval, body):
+    problem = humaneval["HumanEval/0"]
+    assert not humaneval_checker(problem, body)
+    assert not humaneval_checker(problem, f"{body}import sys\nsys.exit(0)\n")  # a top-level exit too
 
 
 def test_humaneval_solution_that_hangs_fails(humaneval):

@@ -3,6 +3,8 @@ that the engine runs on every request and that the command line and eval run bef
 
 from __future__ import annotations
 
+import math
+
 from autojudge.errors import AutojudgeError
 
 MODES = ("target", "speculative", "autojudge", "judge")
@@ -14,7 +16,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 def check_threshold(threshold: float) -> float:
     """A judge keeps a mismatch when p_important < threshold: 0 keeps none (lossless), 1 keeps nearly all."""
-    if not 0.0 <= threshold <= 1.0:
+    if not 0.0 <= threshold <= 1.0:  # NaN fails this too
         raise AutojudgeError(f"judge threshold must be in [0, 1], got {threshold}")
     return float(threshold)
 
@@ -27,8 +29,8 @@ def check_request(mode: str, *, window: int, max_new_tokens: int, temperature: f
         raise AutojudgeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_new_tokens < 1:
         raise AutojudgeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise AutojudgeError(f"--temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise AutojudgeError(f"--temperature must be a finite number >= 0, got {temperature}")
     if mode != "target":
         if not has_draft:
             raise AutojudgeError(f"mode {mode!r} needs a draft model; pass --draft (not 'none') or use --mode target")

@@ -65,6 +65,27 @@ def read_label_rows(path: Path) -> list[dict]:
     return rows
 
 
+def check_label_models(path: Path, eng, setup: str) -> None:
+    """A mining file's meta row names the models that made its labels; features from other models would train
+    a judge for pairs it never saw."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        meta = json.loads(first)
+    except json.JSONDecodeError:
+        return  # read_label_rows names the bad line
+    if not isinstance(meta, dict) or meta.get("kind") != "meta":
+        return
+    for block in BLOCKS[setup]:
+        want, dec = meta.get(f"{block}_fingerprint"), getattr(eng, block)
+        if want is not None and dec is not None and dec.fingerprint != want:
+            raise AutojudgeError(
+                f"{path} was mined with {block} {meta.get(block)} (fingerprint {want[:12]}), but the loaded {block} "
+                f"is {dec.name} (fingerprint {dec.fingerprint[:12]}); pass --{block} {meta.get(block)} or mine "
+                "labels with these models"
+            )
+
+
 def good_tokens(offsets: list[tuple[int, int]], first_error: int | None) -> list[bool]:
     """A response token is good iff it ends at or before the first error, so the token containing it is bad."""
     if first_error is None:
@@ -229,6 +250,8 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
     setup = setup or ("DD-DT" if kind == "autojudge" else "DT")
     if kind == "judge-decoding" and setup != "DT":
         raise AutojudgeError("Judge Decoding features are the target's hidden states only; use --setup DT")
+    if kind == "autojudge":
+        check_label_models(source, eng, setup)
     meta = describe(eng, source, kind, setup)
     path = Path(cache) if cache is not None else default_cache_path(source, meta)
     if path.is_file():

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from autojudge.errors import AutojudgeError
 
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
@@ -50,6 +52,22 @@ class LabelStore:
     def __init__(self, path: str | Path, meta: dict, resume: bool):
         self.path = Path(path)
         self.done: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Two miners on one file would both resume from the same point and write each problem twice.
+        self._lock = FileLock(f"{self.path}.lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise AutojudgeError(
+                f"{self.path} is being written by another `autojudge mine`; wait for it to end or choose another --out"
+            ) from None
+        try:
+            self._open(meta, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, meta: dict, resume: bool) -> None:
         exists = self.path.exists() and self.path.stat().st_size > 0
         if exists and not resume:
             raise AutojudgeError(f"{self.path} already exists; pass --resume to continue it or choose another --out")
@@ -69,7 +87,6 @@ class LabelStore:
                 os.fsync(f.fileno())
             self._file = open(self.path, "ab")
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
             self._write([{"kind": "meta", **meta}])
 
@@ -84,6 +101,7 @@ class LabelStore:
 
     def close(self) -> None:
         self._file.close()
+        self._lock.release()
 
     def __enter__(self) -> LabelStore:
         return self

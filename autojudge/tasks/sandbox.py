@@ -12,6 +12,7 @@ Python between fork and exec, which can deadlock in a process with threads (torc
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -27,12 +28,22 @@ _NOBODY = 65534
 _STDERR_TAIL = 2000
 _MB = 1024 * 1024
 
+# A pass is the verdict file holding a fresh key, written only after the program ran to its end: an exit
+# status can be faked by `sys.exit(0)` or `os._exit(0)` before the tests run. The key file is read and
+# deleted before the program starts, so only code that goes looking through the bootstrap's memory could
+# forge a verdict: accidental exits cannot.
 _BOOTSTRAP = """\
-import resource, runpy, sys
+import os, resource, runpy, sys
+with open("verdict.key") as f:
+    key = f.read()
+os.unlink("verdict.key")
+verdict = os.path.abspath("verdict")
 for name, soft, hard in {limits!r}:
     resource.setrlimit(getattr(resource, name), (soft, hard))
 sys.argv = ["program.py"]
 runpy.run_path("program.py", run_name="__main__")
+with open(verdict, "w") as f:
+    f.write(key)
 """
 
 
@@ -93,14 +104,17 @@ def _kill_group(pgid: int) -> None:
 
 
 def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run `code` as a script; passed means exit status 0 within the limits."""
+    """Run `code` as a script; passed means it ran to its end, exit status 0, within the limits."""
     as_nobody = os.geteuid() == 0
     drop = {"user": _NOBODY, "group": _NOBODY, "extra_groups": []} if as_nobody else {}
+    key = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="autojudge-sandbox-") as tmp:
         workdir = Path(tmp)
         (workdir / "program.py").write_text(code)
+        (workdir / "verdict.key").write_text(key)
         if as_nobody:
-            os.chown(workdir, _NOBODY, _NOBODY)
+            for path in (workdir, workdir / "verdict.key"):
+                os.chown(path, _NOBODY, _NOBODY)
         # Output goes to files (bounded by RLIMIT_FSIZE) rather than pipes we would have to drain.
         with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
             proc = subprocess.Popen(
@@ -123,8 +137,10 @@ def run_code(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResul
             # Children that outlived the main process would otherwise keep running.
             _kill_group(proc.pid)
         stderr = (workdir / "stderr").read_bytes()[-_STDERR_TAIL:].decode("utf-8", "replace")
+        verdict = workdir / "verdict"
+        finished = verdict.is_file() and not verdict.is_symlink() and verdict.read_text(errors="replace") == key
     return SandboxResult(
-        passed=not timed_out and returncode == 0,
+        passed=not timed_out and returncode == 0 and finished,
         timed_out=timed_out,
         returncode=None if timed_out else returncode,
         stderr_tail=stderr,
