@@ -64,6 +64,7 @@ def test_gsm8k_extraction_formats(text, expected):
 @pytest.mark.parametrize("text, expected", [
     ("18", "18"), ("18.00", "18"), ("0.50", "0.5"), ("-0", "0"), ("-0.0", "0"), ("1,234", "1234"), ("100", "100"),
     ("abc", None), ("nan", None), ("123456789012345678901234567890123", "123456789012345678901234567890123"),
+    ("1e999999999", None), ("-1e-999999999", None),  # a billion digits written out; no answer is that large
 ])
 def test_canonical_number(text, expected):
     assert canonical_number(text) == expected

@@ -120,3 +120,11 @@ def test_judge_options_need_a_judge_mode(tiny_pair):
     base = ["generate", "hi", "--target", str(target), "--draft", str(draft)]
     _assert_clean_error([*base, "--threshold", "0.3"], "used only in modes autojudge and judge")
     _assert_clean_error([*base, "--recall", "0.9"], "--recall applies to modes autojudge and judge")
+
+
+def test_unsupported_device_and_bench_prompts(tiny_qwen):
+    _assert_clean_error(["generate", "hi", "--target", str(tiny_qwen), "--draft", "none", "--mode", "target",
+                         "--device", "meta"], "is not supported; use cpu or cuda")
+    for n in ("0", "-1"):
+        _assert_clean_error(["bench", "--target", str(tiny_qwen), "--draft", "none", "--prompts", n],
+                            "--prompts must be at least 1")

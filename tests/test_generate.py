@@ -1,5 +1,7 @@
 """Lossless decoding: target mode equals transformers' greedy generate; speculative equals target."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -129,6 +131,35 @@ def test_generation_stops_at_full_cache(tiny_pair):
     assert target.stats.finish_reason == "cache_full" and len(prompt) + len(target.token_ids) == 40
 
 
+def test_one_generation_at_a_time(engine):
+    """A paused stream owns the caches: a generate() in between (this thread or another) would silently change
+    what the stream says next, so it is refused until the stream ends or is closed."""
+    kw = dict(max_new_tokens=24, mode="speculative", window=4, ignore_eos=True)
+    want = engine.generate("hello", **kw).text
+    stream = engine.stream("hello", **kw)
+    pieces = [next(stream)]
+    with pytest.raises(AutojudgeError, match="already generating"):
+        engine.generate("other", **kw)
+    caught = []
+
+    def other_thread():
+        try:
+            engine.generate("other", **kw)
+        except AutojudgeError as err:
+            caught.append(str(err))
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert caught and "already generating" in caught[0]
+    assert "".join(pieces + list(stream)) == want  # the paused stream continues undisturbed
+    engine.generate("other", **kw)  # free again
+    stream = engine.stream("hello", **kw)
+    next(stream)
+    stream.close()
+    assert engine.generate("hello", **kw).text == want
+
+
 @pytest.mark.parametrize("window", [1, 2, 3, 5, 8])
 def test_a_fully_accepted_window_at_the_cache_end(tiny_pair, window):
     """A draft equal to the target accepts every window, so cycles run into the last cache slot."""
@@ -163,6 +194,9 @@ def test_bad_prompts_raise_clear_errors(engine):
         engine.generate([1, 10_000])
     with pytest.raises(AutojudgeError, match="does not fit the KV cache"):
         engine.generate(list(range(1, 200)) * 3)
+    for messages in ([{"role": "wizard", "content": "hi"}], [{"role": "user", "content": ["hi"]}]):
+        with pytest.raises(AutojudgeError, match="role must be one of system, user, assistant"):
+            engine.generate(messages)
 
 
 @pytest.fixture(scope="module")

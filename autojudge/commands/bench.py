@@ -11,6 +11,7 @@ import torch
 
 from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.engine.request import DEFAULT_WINDOW
+from autojudge.errors import AutojudgeError
 
 
 def gsm8k_test_questions(n: int) -> list[str]:
@@ -77,6 +78,8 @@ def run_generation_bench(engine, max_new_tokens: int, window: int, n_prompts: in
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Also time transformers' generate.")
 def bench(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, max_new_tokens, window, prompts, hf):
     """Tokens/s of target-only and speculative decoding (and transformers' generate) in one process."""
+    if prompts < 1:
+        raise AutojudgeError(f"--prompts must be at least 1, got {prompts}")
     engine = engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs)
     click.echo(run_generation_bench(engine, max_new_tokens=max_new_tokens, window=window, n_prompts=prompts,
                                     with_transformers=hf))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.verify = resolve_kernels(kernels, target.device)
+        self._busy = threading.Lock()
         # Committed tokens live on the device so that drafting and verifying read views, never copies.
         self._tokens = torch.zeros(target.max_seq_len, dtype=torch.long, device=target.device)
         on_cuda = target.device.type == "cuda"
@@ -131,6 +133,18 @@ class Engine:
                 ignore_eos=False, temperature=0.0, seed=None, judge=None, threshold=None):
         """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle.
         `threshold` None means the judge's own default (the one its file stores)."""
+        # One generation at a time: the caches and the committed-token buffer belong to it until it ends.
+        if not self._busy.acquire(blocking=False):
+            raise AutojudgeError("this engine is already generating (a stream not yet finished or closed, or "
+                                 "another thread); finish or close that first, or use one Engine per thread")
+        try:
+            yield from self._decode_unlocked(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed,
+                                             judge, threshold)
+        finally:
+            self._busy.release()
+
+    def _decode_unlocked(self, prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
+                         threshold):
         check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                       has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
         if judge is not None and threshold is None:
@@ -370,6 +384,8 @@ def _parse_device(device) -> torch.device:
         device = torch.device(device)
     except RuntimeError:
         raise AutojudgeError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise AutojudgeError(f"device {str(device)!r} is not supported; use cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AutojudgeError("--device cuda asked but no CUDA GPU is available; use --device cpu")
     return device

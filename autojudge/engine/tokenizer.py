@@ -34,6 +34,9 @@ def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str):
             )
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def encode_prompt(tokenizer, prompt, vocab_size: int) -> list[int]:
     """str: chat template applied (raw text if the tokenizer has none); chat messages; token ids used as-is."""
     if isinstance(prompt, str):
@@ -47,6 +50,10 @@ def encode_prompt(tokenizer, prompt, vocab_size: int) -> list[int]:
             raise AutojudgeError("this tokenizer has no chat template: pass the prompt as text or token ids")
         if not all({"role", "content"} <= m.keys() for m in prompt):
             raise AutojudgeError("chat messages need 'role' and 'content' keys")
+        bad = next((m for m in prompt if m["role"] not in CHAT_ROLES or not isinstance(m["content"], str)), None)
+        if bad is not None:
+            raise AutojudgeError(f"chat message {bad!r}: role must be one of {', '.join(CHAT_ROLES)} and content a "
+                                 "string")
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

@@ -22,6 +22,9 @@ def canonical_number(text: str) -> str | None:
         return None
     if value == 0:
         return "0"
+    # Written out, 1e999999999 would be a billion digits; no answer of these tasks is that large or small.
+    if abs(value.adjusted()) > 100:
+        return None
     # Not Decimal.normalize(): it rounds to the context's 28 digits.
     digits = format(value, "f")
     return digits.rstrip("0").rstrip(".") if "." in digits else digits
