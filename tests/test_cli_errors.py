@@ -128,3 +128,9 @@ def test_unsupported_device_and_bench_prompts(tiny_qwen):
     for n in ("0", "-1"):
         _assert_clean_error(["bench", "--target", str(tiny_qwen), "--draft", "none", "--prompts", n],
                             "--prompts must be at least 1")
+
+
+def test_prompt_that_is_not_utf8(tiny_qwen):
+    args = ["generate", "--target", str(tiny_qwen), "--draft", "none", "--mode", "target", "--max-new-tokens", "2"]
+    _assert_clean_error(args, "not valid UTF-8", input=b"caf\xe9 \xff\xfe")
+    _assert_clean_error([*args, "caf\udce9"], "not valid UTF-8")  # how Python hands over such argv bytes

@@ -37,7 +37,11 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
              temperature, seed, ignore_eos, judge_path, threshold, recall, as_json):
     """Generate from PROMPT (text; '-' or nothing reads stdin)."""
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv and stdin bytes that are not UTF-8 arrive as lone surrogates
+        raise AutojudgeError("the prompt is not valid UTF-8 text; re-encode it as UTF-8") from None
     if not prompt.strip():
         raise AutojudgeError("empty prompt: pass text as an argument or on stdin")
     # Judge modes load the default judge when no --judge is given.
