@@ -128,7 +128,7 @@ def test_flash_backend_wiring_matches_sdpa(monkeypatch):
     sdpa = random_decoder(tiny_preset(), "cpu", torch.float32, max_seq_len=64, seed=5, init_std=0.1)
     flash = random_decoder(tiny_preset(), "cpu", torch.float32, max_seq_len=64, seed=5, init_std=0.1,
                            attention="flash")
-    assert flash.model.model.layers[0].self_attn.kv_cache.k.shape == (1, 64, 2, 16)  # [B, S, H, D]
+    assert flash.model.model.layers[0].self_attn.kv_cache.k.shape == (1, 65, 2, 16)  # [B, S + trash slot, H, D]
     tokens = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(2))
     for start, end in [(0, 17), (17, 18), (18, 23), (20, 26), (26, 27)]:  # (20, 26) rewrites rejected slots
         want, _ = sdpa.forward(tokens[start:end], start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -33,17 +34,22 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--threshold", default=None, type=float, help="Judge threshold tau: accept a mismatch when p < tau.")
 @click.option("--recall", default=None, type=float, help="Pick tau from the judge's stored thresholds by recall.")
 @click.option("--json", "as_json", is_flag=True, help="Print output and stats as one JSON object.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSONL, one prompt per line (a string, chat messages, token ids, or {\"prompt\": ...}): "
+                   "decoded in batches, one JSON line out per prompt, in order.")
+@click.option("--batch-size", default=8, show_default=True, type=int,
+              help="With --prompts-file: sequences decoded together (continuous batching).")
 def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, mode, window, max_new_tokens,
-             temperature, seed, ignore_eos, judge_path, threshold, recall, as_json):
-    """Generate from PROMPT (text; '-' or nothing reads stdin)."""
-    if prompt is None or prompt == "-":
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # argv and stdin bytes that are not UTF-8 arrive as lone surrogates
-        raise AutojudgeError("the prompt is not valid UTF-8 text; re-encode it as UTF-8") from None
-    if not prompt.strip():
-        raise AutojudgeError("empty prompt: pass text as an argument or on stdin")
+             temperature, seed, ignore_eos, judge_path, threshold, recall, as_json, prompts_file, batch_size):
+    """Generate from PROMPT (text; '-' or nothing reads stdin), or from every line of --prompts-file."""
+    if prompts_file is not None:
+        if prompt is not None:
+            raise AutojudgeError("give a PROMPT or --prompts-file, not both")
+        if batch_size < 1:
+            raise AutojudgeError(f"--batch-size must be at least 1, got {batch_size}")
+        prompts = read_prompts_file(prompts_file)
+    else:
+        prompt = read_prompt(prompt)
     # Judge modes load the default judge when no --judge is given.
     check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                   has_draft=draft != "none", has_judge=mode in JUDGE_MODES or judge_path is not None,
@@ -55,6 +61,10 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
     judge, threshold = _judge_for(engine, mode, judge_path, threshold, recall)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, window=window, ignore_eos=ignore_eos,
                    temperature=temperature, seed=seed, judge=judge, threshold=threshold)
+    if prompts_file is not None:
+        for out in engine.generate_batch(prompts, max_batch=batch_size, **options):
+            click.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": out.stats.to_dict()}))
+        return
     if as_json:
         out = engine.generate(prompt, **options)
         click.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": out.stats.to_dict()}))
@@ -62,6 +72,38 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
     for piece in engine.stream(prompt, **options):
         click.echo(piece, nl=False)
     click.echo()
+
+
+def read_prompt(prompt: str | None) -> str:
+    """PROMPT from the command line; '-' or none reads stdin."""
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv and stdin bytes that are not UTF-8 arrive as lone surrogates
+        raise AutojudgeError("the prompt is not valid UTF-8 text; re-encode it as UTF-8") from None
+    if not prompt.strip():
+        raise AutojudgeError("empty prompt: pass text as an argument or on stdin")
+    return prompt
+
+
+def read_prompts_file(path: Path) -> list:
+    prompts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AutojudgeError(f"{path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AutojudgeError(f"{path}:{number}: not valid JSON ({err.msg}); one prompt per line") from None
+        prompts.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
+    if not prompts:
+        raise AutojudgeError(f"{path} holds no prompts")
+    return prompts
 
 
 def _judge_for(engine, mode, judge_path, threshold, recall):

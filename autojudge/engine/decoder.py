@@ -69,6 +69,26 @@ class Decoder:
         self.cached_len = end
         return (None if logits is None else logits[0]), hidden[0]
 
+    @property
+    def rows(self) -> int:
+        """Sequences the KV cache holds at once."""
+        return self.model.batch
+
+    def ensure_rows(self, rows: int) -> None:
+        """Grows the KV cache to `rows` sequences (for batched decoding); what it held is dropped."""
+        if rows > self.model.batch:
+            self.model.setup_cache(self.max_seq_len, batch=rows, attention=self.model.attention)
+            self.cached_len = 0
+
+    @torch.inference_mode()
+    def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, rows: slice,
+                     logits_from: int | None = 0):
+        """tokens [B, T] at per-row `positions` [B, T] of cache rows `rows`; padding goes to position
+        `max_seq_len` (the trash slot). Returns (logits [B, T', V] fp32 | None, hidden [B, T, D])."""
+        if rows.start == 0:
+            self.cached_len = 0  # row 0 no longer holds the sequence that prefix reuse remembers
+        return self.model(tokens, positions, kv_len, logits_from, rows)
+
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` already have valid keys/values in the cache (one host read)."""
         n = min(len(ids), self.cached_len)

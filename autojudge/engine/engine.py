@@ -51,6 +51,39 @@ class GenerationStats:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+BUSY = ("this engine is already generating (a stream not yet finished or closed, or another thread); finish or "
+        "close that first, or use one Engine per thread")
+
+
+class Progress:
+    """Applies the token budget and EOS to the tokens each step of one generation yields; keeps the totals."""
+
+    def __init__(self, stats: GenerationStats, max_new_tokens: int, ignore_eos: bool, eos_token_ids):
+        self.stats, self.max_new_tokens, self.ignore_eos = stats, max_new_tokens, ignore_eos
+        self.eos_token_ids = eos_token_ids
+        self.produced = 0
+        self.start = time.perf_counter()
+
+    def take(self, new: list[int], cache_full: bool) -> tuple[list[int], bool]:
+        """(the tokens to emit, whether the generation is done); `cache_full`: no slot is left after them."""
+        stats = self.stats
+        new = new[: self.max_new_tokens - self.produced]
+        if not self.ignore_eos:
+            eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
+            if eos_at is not None:
+                new = new[: eos_at + 1]
+                stats.finish_reason = "eos"
+        self.produced += len(new)
+        stats.new_tokens = self.produced
+        stats.total_s = time.perf_counter() - self.start
+        stats.tokens_per_second = self.produced / stats.total_s if stats.total_s > 0 else 0.0
+        done = stats.finish_reason == "eos" or self.produced >= self.max_new_tokens
+        if not done and cache_full:
+            stats.finish_reason = "cache_full"
+            done = True
+        return new, done
+
+
 @dataclass
 class GenerationOutput:
     text: str
@@ -111,6 +144,45 @@ class Engine:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return GenerationOutput(text=text, token_ids=token_ids, prompt_ids=prompt_ids, stats=stats)
 
+    def generate_batch(self, prompts, max_batch: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                       mode: str = "speculative", window: int = DEFAULT_WINDOW, ignore_eos: bool = False,
+                       temperature: float = 0.0, seed: int | None = None, judge=None, threshold: float | None = None):
+        """One GenerationOutput per prompt, in order (a list that also carries `.stats` for the batch), decoded
+        with continuous batching through at most `max_batch` cache rows. Same options as `generate`; every prompt
+        is checked before any is decoded."""
+        from autojudge.engine.batched import BatchRun
+
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise AutojudgeError("generate_batch takes a non-empty list of prompts")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise AutojudgeError(f"max_batch must be at least 1, got {max_batch}")
+        check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
+                      has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
+        if judge is not None and threshold is None:
+            threshold = judge.default_threshold
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            try:
+                encoded.append(self._encode_fitting(prompt))
+            except AutojudgeError as err:
+                raise AutojudgeError(f"prompt {i} of {len(prompts)}: {err}") from None
+        if not self._busy.acquire(blocking=False):
+            raise AutojudgeError(BUSY)
+        try:
+            return BatchRun(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed,
+                            judge, threshold).run()
+        finally:
+            self._busy.release()
+
+    def _encode_fitting(self, prompt) -> list[int]:
+        prompt_ids = self.encode_prompt(prompt)
+        limit = self.target.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise AutojudgeError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the KV cache of {limit} tokens; raise --max-seq-len"
+            )
+        return prompt_ids
+
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yields text pieces as cycles finish; a piece is held back while it ends inside a UTF-8 character."""
         token_ids: list[int] = []
@@ -135,8 +207,7 @@ class Engine:
         `threshold` None means the judge's own default (the one its file stores)."""
         # One generation at a time: the caches and the committed-token buffer belong to it until it ends.
         if not self._busy.acquire(blocking=False):
-            raise AutojudgeError("this engine is already generating (a stream not yet finished or closed, or "
-                                 "another thread); finish or close that first, or use one Engine per thread")
+            raise AutojudgeError(BUSY)
         try:
             yield from self._decode_unlocked(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed,
                                              judge, threshold)
@@ -149,35 +220,16 @@ class Engine:
                       has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
         if judge is not None and threshold is None:
             threshold = judge.default_threshold
-        prompt_ids = self.encode_prompt(prompt)
-        limit = self.target.max_seq_len
-        if len(prompt_ids) >= limit:
-            raise AutojudgeError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the KV cache of {limit} tokens; raise --max-seq-len"
-            )
+        prompt_ids = self._encode_fitting(prompt)
         stats = GenerationStats(mode=mode, window=window if mode != "target" else 0, prompt_tokens=len(prompt_ids))
         sampler = _Sampler(temperature, seed, self.target.device)
-        start = time.perf_counter()
+        progress = Progress(stats, max_new_tokens, ignore_eos, self.eos_token_ids)
         if mode == "target":
             steps = self._target_steps(prompt_ids, sampler, stats)
         else:
             steps = self._speculative_steps(prompt_ids, window, sampler, stats, judge, threshold, max_new_tokens)
-        produced = 0
         for new in steps:
-            new = new[: max_new_tokens - produced]
-            if not ignore_eos:
-                eos_at = next((i for i, t in enumerate(new) if t in self.eos_token_ids), None)
-                if eos_at is not None:
-                    new = new[: eos_at + 1]
-                    stats.finish_reason = "eos"
-            produced += len(new)
-            stats.new_tokens = produced
-            stats.total_s = time.perf_counter() - start
-            stats.tokens_per_second = produced / stats.total_s if stats.total_s > 0 else 0.0
-            done = stats.finish_reason == "eos" or produced >= max_new_tokens
-            if not done and self._cache_full():
-                stats.finish_reason = "cache_full"
-                done = True
+            new, done = progress.take(new, cache_full=self._cache_full())
             yield prompt_ids, new, stats
             if done:
                 steps.close()

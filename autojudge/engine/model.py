@@ -68,10 +68,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+    def update(self, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Writes k/v [B, H, T, D] of cache rows `rows` at per-row slots `positions` [B, T]; returns those rows."""
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        keys, values = self.k[rows], self.v[rows]
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        return keys, values
 
 
 class Attention(nn.Module):
@@ -85,9 +88,10 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.flash_attn = None  # flash_attn_with_kvcache when the "flash" backend is set up
 
-    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len: int):
-        """SDPA reads `visible` ([T, kv_len] bool: slot j is visible to query t); flash-attn reads `cache_lens`
-        (int32 [B]: the cache length before these tokens); the other one is None."""
+    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len: int, rows: slice):
+        """SDPA reads `visible` ([B, 1, T, kv_len] bool: slot j is visible to query t of row b); flash-attn reads
+        `cache_lens` (int32 [B]: the cache length before these tokens); the other one is None. `rows`: the
+        cache rows of this batch."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -98,10 +102,10 @@ class Attention(nn.Module):
             # Appends k/v at slot cache_lens[b] and lets query i see slots <= cache_lens[b] + i (bottom-right
             # causal): SDPA's visibility, as positions are always consecutive from the cache length.
             cache = self.kv_cache
-            out = self.flash_attn(q.transpose(1, 2), cache.k, cache.v, k=k.transpose(1, 2), v=v.transpose(1, 2),
-                                  cache_seqlens=cache_lens, causal=True)
+            out = self.flash_attn(q.transpose(1, 2), cache.k[rows], cache.v[rows], k=k.transpose(1, 2),
+                                  v=v.transpose(1, 2), cache_seqlens=cache_lens, causal=True)
             return self.o_proj(out.reshape(bsz, seqlen, -1))
-        k_all, v_all = self.kv_cache.update(positions, k, v)
+        k_all, v_all = self.kv_cache.update(rows, positions, k, v)
         out = F.scaled_dot_product_attention(
             q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=visible,
             enable_gqa=self.num_heads != self.num_kv_heads,
@@ -128,8 +132,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, visible, cache_lens, kv_len)
+    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, visible, cache_lens, kv_len, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -153,26 +157,33 @@ class Transformer(nn.Module):
         self.attention = "sdpa"
 
     def setup_cache(self, max_seq_len: int, batch: int = 1, attention: str = "sdpa"):
-        """Allocates the KV cache and the RoPE tables once; decoding never allocates them again."""
+        """Allocates the KV cache (`batch` rows) and the RoPE tables once; decoding never allocates them again.
+
+        Slot `max_seq_len`, one past the last real position, is a trash slot: padding tokens of a ragged batch
+        are written there, and no real query ever sees it (slot j is visible to position p only if j <= p)."""
         param = self.lm_head.weight
         cfg = self.config
         flash_attn = check_attention(attention, param.device, param.dtype)
-        shape = ((batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim) if flash_attn is not None
-                 else (batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim))
+        slots = max_seq_len + 1
+        shape = ((batch, slots, cfg.num_kv_heads, cfg.head_dim) if flash_attn is not None
+                 else (batch, cfg.num_kv_heads, slots, cfg.head_dim))
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(shape, param.dtype, param.device)
             layer.self_attn.flash_attn = flash_attn
         inv_freq = cfg.rope_inv_freq().to(param.device)
-        freqs = torch.outer(torch.arange(max_seq_len, device=param.device, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(slots, device=param.device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos().to(param.dtype), persistent=False)
         self.register_buffer("rope_sin", emb.sin().to(param.dtype), persistent=False)
-        self.register_buffer("cache_positions", torch.arange(max_seq_len, device=param.device), persistent=False)
+        self.register_buffer("cache_positions", torch.arange(slots, device=param.device), persistent=False)
         self.max_seq_len = max_seq_len
+        self.batch = batch
         self.attention = attention
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, logits_from: int | None = 0):
-        """tokens [B, T] at cache `positions` [T]; attends to cache slots [0, kv_len).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, logits_from: int | None = 0,
+                rows: slice | None = None):
+        """tokens [B, T] at cache `positions` ([T] shared by the rows, or [B, T]) of cache rows `rows` (default the
+        first B); attends to cache slots [0, kv_len).
 
         Any kv_len past the last position gives the same logits, since the mask zeroes the slots beyond it:
         CUDA graphs pass max_seq_len, so no host value of the current length is baked into a recording.
@@ -182,17 +193,21 @@ class Transformer(nn.Module):
         Returns (logits [B, T', V] fp32 for the positions from index `logits_from` on, or None when it is None;
         hidden [B, T, D]: the last layer's output after the final norm).
         """
+        batch = tokens.shape[0]
+        rows = slice(0, batch) if rows is None else rows
+        if positions.dim() == 1:
+            positions = positions[None].expand(batch, -1)
         x = self.model.embed_tokens(tokens)
-        cos = self.rope_cos[positions][None, None]
-        sin = self.rope_sin[positions][None, None]
+        cos = self.rope_cos[positions][:, None]
+        sin = self.rope_sin[positions][:, None]
         visible = cache_lens = None
         if self.attention == "flash":
-            cache_lens = positions[:1].to(torch.int32).repeat(tokens.shape[0])
+            cache_lens = positions[:, 0].to(torch.int32)
         else:
             # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
-            visible = self.cache_positions[:kv_len][None, :] <= positions[:, None]
+            visible = (self.cache_positions[:kv_len][None, None, :] <= positions[:, :, None])[:, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, visible, cache_lens, kv_len)
+            x = layer(x, cos, sin, positions, visible, cache_lens, kv_len, rows)
         hidden = self.model.norm(x)
         logits = None if logits_from is None else self.lm_head(hidden[:, logits_from:]).float()
         return logits, hidden

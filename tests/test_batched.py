@@ -1,0 +1,166 @@
+"""Batched decoding with continuous batching: every row equals its batch-1 run (fp32, tiny models)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autojudge import Engine
+from autojudge.commands import main
+from autojudge.errors import AutojudgeError
+from autojudge.judge.judge_file import Judge
+
+MAX_SEQ = 160
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    return Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=MAX_SEQ,
+                                  kernels="eager")
+
+
+def prompts_of(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 259, (n,), generator=gen).tolist() for n in lengths]
+
+
+def batch1(engine, prompts, **kw):
+    return [engine.generate(p, **kw) for p in prompts]
+
+
+def assert_rows_equal(batched, singles):
+    assert len(batched) == len(singles)
+    for i, (got, want) in enumerate(zip(batched, singles)):
+        assert got.token_ids == want.token_ids, i
+        assert got.stats.finish_reason == want.stats.finish_reason, i
+        assert got.stats.histogram == want.stats.histogram, i
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8), max_batch=st.integers(1, 8),
+       window=st.integers(1, 16), budget=st.integers(1, 40), seed=st.integers(0, 100))
+def test_speculative_rows_equal_batch1(engine, lengths, max_batch, window, budget, seed):
+    prompts = prompts_of(lengths, seed)
+    kw = dict(max_new_tokens=budget, mode="speculative", window=window, ignore_eos=True)
+    assert_rows_equal(engine.generate_batch(prompts, max_batch=max_batch, **kw), batch1(engine, prompts, **kw))
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_target_rows_equal_batch1(engine, max_batch):
+    prompts = prompts_of([5, 17, 2, 30, 9, 11], seed=1)
+    kw = dict(max_new_tokens=25, mode="target", ignore_eos=True)
+    out = engine.generate_batch(prompts, max_batch=max_batch, **kw)
+    assert_rows_equal(out, batch1(engine, prompts, **kw))
+    assert out.stats.slots == min(max_batch, 6) and out.stats.new_tokens == 6 * 25
+    assert 0 < out.stats.occupancy <= 1 and out.stats.tokens_per_second > 0
+
+
+def test_eos_mid_batch_and_refilled_slots(engine):
+    prompts = prompts_of([4, 12, 7, 20, 3, 9, 15], seed=2)
+    kw = dict(max_new_tokens=30, mode="speculative", window=4)
+    free = batch1(engine, prompts, ignore_eos=True, **kw)
+    eos = free[1].token_ids[5]  # a token some rows emit mid-answer: rows stop at uneven lengths
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({eos})
+    try:
+        want = batch1(engine, prompts, **kw)
+        got = engine.generate_batch(prompts, max_batch=3, **kw)
+    finally:
+        engine.eos_token_ids = saved
+    assert_rows_equal(got, want)
+    assert {o.stats.finish_reason for o in got} == {"eos", "length"}
+
+
+def test_cache_filling_up_on_one_row(engine):
+    prompts = prompts_of([MAX_SEQ - 12, 6, 10], seed=3)
+    for mode in ("target", "speculative"):
+        kw = dict(max_new_tokens=40, mode=mode, window=8, ignore_eos=True)
+        got = engine.generate_batch(prompts, max_batch=3, **kw)
+        assert_rows_equal(got, batch1(engine, prompts, **kw))
+        assert [o.stats.finish_reason for o in got] == ["cache_full", "length", "length"]
+
+
+def test_self_draft_fills_windows_to_the_cache_end(tiny_pair):
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[0]), max_seq_len=48,
+                                    kernels="eager")
+    prompts = prompts_of([30, 33, 36, 25], seed=4)
+    kw = dict(max_new_tokens=100, mode="speculative", window=5, ignore_eos=True)
+    got = engine.generate_batch(prompts, max_batch=4, **kw)
+    assert_rows_equal(got, batch1(engine, prompts, **kw))
+    assert all(o.stats.finish_reason == "cache_full" for o in got)
+
+
+@pytest.mark.parametrize("setup", ["DT", "DD-DT"])
+def test_judged_rows_equal_batch1(engine, setup):
+    dim = engine.target.config.hidden_size + (engine.draft.config.hidden_size if setup == "DD-DT" else 0)
+    weight = torch.randn(dim, generator=torch.Generator().manual_seed(5)) * 0.3
+    judge = Judge(weight=weight, bias=torch.tensor([0.0]), setup=setup, thresholds={}, meta={})
+    prompts = prompts_of([6, 19, 3, 11, 25], seed=6)
+    for window, budget in ((4, 33), (7, 18)):
+        kw = dict(max_new_tokens=budget, mode="autojudge", window=window, ignore_eos=True, judge=judge,
+                  threshold=0.5)
+        got = engine.generate_batch(prompts, max_batch=3, **kw)
+        want = batch1(engine, prompts, **kw)
+        assert_rows_equal(got, want)
+        assert [o.stats.judge_rescues for o in got] == [o.stats.judge_rescues for o in want]
+        assert sum(o.stats.judge_rescues for o in got) > 0
+
+
+def test_sampling_is_seeded_and_rows_are_independent(engine):
+    prompts = prompts_of([8] * 6, seed=7)
+    prompts[3] = prompts[0]
+    kw = dict(max_new_tokens=20, mode="speculative", window=4, temperature=1.0, seed=11, ignore_eos=True)
+    a = engine.generate_batch(prompts, max_batch=6, **kw)
+    b = engine.generate_batch(prompts, max_batch=6, **kw)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert a[0].token_ids != a[3].token_ids  # the same prompt in two rows draws its own randomness
+
+
+def test_bad_batches_are_refused_up_front(engine):
+    good = prompts_of([5, 6], seed=8)
+    with pytest.raises(AutojudgeError, match="non-empty list of prompts"):
+        engine.generate_batch([])
+    with pytest.raises(AutojudgeError, match="non-empty list of prompts"):
+        engine.generate_batch("one prompt")
+    with pytest.raises(AutojudgeError, match="max_batch must be at least 1"):
+        engine.generate_batch(good, max_batch=0)
+    with pytest.raises(AutojudgeError, match=r"prompt 1 of 3: prompt of \d+ tokens does not fit"):
+        engine.generate_batch([good[0], list(range(3, 3 + MAX_SEQ)), good[1]])
+    with pytest.raises(AutojudgeError, match="--window"):
+        engine.generate_batch(good, window=0)
+    # Nothing was half-done: the engine still decodes normally.
+    assert engine.generate_batch(good, max_new_tokens=3)[1].token_ids == engine.generate(good[1], max_new_tokens=3).token_ids
+
+
+def test_cli_prompts_file_gives_one_json_line_per_prompt_in_order(tiny_pair, tmp_path):
+    prompts = prompts_of([4, 9, 2, 13, 6], seed=9)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p if i % 2 else {"prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    args = ["generate", "--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--kernels", "eager",
+            "--max-seq-len", "64", "--max-new-tokens", "12", "--ignore-eos", "--window", "4"]
+    result = CliRunner().invoke(main, [*args, "--prompts-file", str(path), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), max_seq_len=64,
+                                    kernels="eager")
+    want = [engine.generate(p, max_new_tokens=12, window=4, ignore_eos=True).token_ids for p in prompts]
+    assert [r["token_ids"] for r in rows] == want
+    path.write_text('[1, 2]\n{"prompt": [3\n')
+    bad = CliRunner().invoke(main, [*args, "--prompts-file", str(path)])
+    assert bad.exit_code == 1 and f"{path}:2: not valid JSON" in bad.output
+    both = CliRunner().invoke(main, [*args, "hello", "--prompts-file", str(path)])
+    assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_bench_batch_sizes_runs_on_tiny_models(tiny_pair):
+    args = ["bench", "--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--kernels", "eager",
+            "--max-seq-len", "512", "--max-new-tokens", "4", "--no-hf"]
+    result = CliRunner().invoke(main, [*args, "--batch-sizes", "1,3"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2 and rows[0].split("|")[4].strip() == "1.00"  # batch 1 is its own baseline
+    bad = CliRunner().invoke(main, [*args, "--batch-sizes", "4,0"])
+    assert bad.exit_code == 1 and "--batch-sizes" in bad.output
