@@ -119,6 +119,14 @@ def test_sampling_is_seeded_and_rows_are_independent(engine):
     assert a[0].token_ids != a[3].token_ids  # the same prompt in two rows draws its own randomness
 
 
+def test_answers_ending_at_their_first_token_hand_slots_on_without_recursion(engine):
+    """Past Python's recursion limit: each prompt is prefilled, ends at once and frees its slot to the next."""
+    prompts = prompts_of([2] * 1100, seed=10)
+    out = engine.generate_batch(prompts, max_batch=2, max_new_tokens=1, mode="speculative")
+    assert [o.token_ids for o in out[:5]] == [engine.generate(p, max_new_tokens=1).token_ids for p in prompts[:5]]
+    assert len(out) == 1100 and all(len(o.token_ids) == 1 for o in out)
+
+
 def test_bad_batches_are_refused_up_front(engine):
     good = prompts_of([5, 6], seed=8)
     with pytest.raises(AutojudgeError, match="non-empty list of prompts"):

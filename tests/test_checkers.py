@@ -83,14 +83,15 @@ def test_jsonl_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"question": "q", "answer": "#### 2"}\n{"question": ', "line 2 is not valid JSON"),
+    ('{"question": "q", "answer": "#### 2"}\n{"question": ', ":2: not valid JSON"),
     ('{"question": "q"}\n', "expected an object with 'question' and 'answer'"),
     ('{"question": "q", "answer": "two"}\n', "must end in '#### <number>'"),
     ("\n", "no problems"),
+    (b'{"question": "q", "answer": "#### 2"}\n{"question": "caf\xe9", "answer": "#### 3"}\n', ":2: not UTF-8 text"),
 ])
 def test_malformed_jsonl_dataset(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(AutojudgeError, match=message):
         load_dataset(str(path))
 

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autojudge"
-RANK = {"errors": 0, "progress": 0, "testing": 0, "data": 0, "judges": 0,
+RANK = {"errors": 0, "data": 0, "judges": 0, "jsonl": 0.5, "progress": 0.5, "testing": 0.5,
         "tasks": 1, "kernels": 1, "engine": 2, "judge": 3, "mining": 4, "eval": 4, "commands": 5}
 
 

@@ -18,6 +18,7 @@ from autojudge.engine.request import (
     check_request,
 )
 from autojudge.errors import AutojudgeError
+from autojudge.jsonl import read_jsonl
 from autojudge.judge.judge_file import load_judge_for_engine
 
 
@@ -88,22 +89,10 @@ def read_prompt(prompt: str | None) -> str:
 
 
 def read_prompts_file(path: Path) -> list:
-    prompts = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise AutojudgeError(f"{path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AutojudgeError(f"{path}:{number}: not valid JSON ({err.msg}); one prompt per line") from None
-        prompts.append(row["prompt"] if isinstance(row, dict) and "prompt" in row else row)
-    if not prompts:
+    rows = read_jsonl(path)
+    if not rows:
         raise AutojudgeError(f"{path} holds no prompts")
-    return prompts
+    return [row["prompt"] if isinstance(row, dict) and "prompt" in row else row for _, row in rows]
 
 
 def _judge_for(engine, mode, judge_path, threshold, recall):

@@ -109,7 +109,8 @@ class BatchRun:
         return BatchOutputs(self.outputs, self.stats)
 
     def _refill(self, b: int) -> None:
-        """Prefills the next waiting prompt into slot b (each prompt alone: prompts are ragged)."""
+        """Prefills the next waiting prompt into slot b (each prompt alone: prompts are ragged); a prompt whose
+        first token already ends it hands the slot straight to the next one."""
         self.slots[b] = None
         while self.waiting and self.slots[b] is None:
             index, ids = self.waiting.popleft()
@@ -130,13 +131,19 @@ class BatchRun:
             self.slots[b] = slot
             self._emit(b, [int(self.tokens[b, n])])
 
-    def _emit(self, b: int, new: list[int]) -> None:
+    def _emit(self, b: int, new: list[int]) -> bool:
+        """Adds a step's tokens to row b's answer; a finished answer is stored and frees the slot (True)."""
         slot = self.slots[b]
         new, done = slot.progress.take(new, cache_full=slot.seq_len >= self.trash)
         slot.token_ids += new
         if done:
             text = self.engine.tokenizer.decode(slot.token_ids, skip_special_tokens=True)
             self.outputs[slot.prompt_index] = GenerationOutput(text, slot.token_ids, slot.prompt_ids, slot.stats)
+            self.slots[b] = None
+        return done
+
+    def _emit_and_refill(self, b: int, new: list[int]) -> None:
+        if self._emit(b, new):
             self._refill(b)
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -181,7 +188,7 @@ class BatchRun:
         for b, slot in enumerate(self.slots):
             if slot is not None:
                 slot.seq_len += 1
-                self._emit(b, [host[b]])
+                self._emit_and_refill(b, [host[b]])
 
     def _target_step_alone(self, b: int) -> None:
         """The last free cache slot of row b: the target fills it, as batch-1 decoding would."""
@@ -193,7 +200,7 @@ class BatchRun:
         self.tokens[b, pos + 1] = self._pick(logits[:, 0])[0]
         slot.seq_len += 1
         slot.wanted -= 1
-        self._emit(b, [int(self.tokens[b, pos + 1])])
+        self._emit_and_refill(b, [int(self.tokens[b, pos + 1])])
 
     # ---------------------------------------------------------------------------------------- speculative
 
@@ -313,4 +320,4 @@ class BatchRun:
             slot.seq_len += a + 1
             slot.wanted -= a + 1
             slot.stats.record_cycle(k, a, rescues, draft_s, verify_s)
-            self._emit(b, new)
+            self._emit_and_refill(b, new)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from autojudge.errors import AutojudgeError
+from autojudge.jsonl import read_jsonl
 from autojudge.progress import progress
 
 SETUPS = ("DD-DT", "DT")
@@ -33,19 +34,6 @@ class FeatureSet:
     important: torch.Tensor  # [N] bool
     groups: list[str]  # per row; validation splits never separate a group
     meta: dict  # key, kind, setup, hidden_sizes, fingerprints, models, source, source_sha256
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise AutojudgeError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    return rows
 
 
 def read_label_rows(path: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from importlib import resources
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autojudge.errors import AutojudgeError
+from autojudge.jsonl import read_jsonl
 
 
 def canonical_number(text: str) -> str | None:
@@ -39,17 +39,11 @@ class Problem:
     meta: dict = field(default_factory=dict)
 
 
-def _read_jsonl(lines, source: str) -> list[dict]:
+def _gsm8k_rows(source, name: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AutojudgeError(f"{source} line {number} is not valid JSON ({err.msg}); fix or remove it") from err
+    for number, row in read_jsonl(source, name):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
-            raise AutojudgeError(f"{source} line {number}: expected an object with 'question' and 'answer'")
+            raise AutojudgeError(f"{name}:{number}: expected an object with 'question' and 'answer'")
         rows.append(row)
     return rows
 
@@ -84,8 +78,7 @@ def load_dataset(name: str, split: str = "test") -> list[Problem]:
         if split not in ("train", "test"):
             raise AutojudgeError(f"--split {split!r}: GSM8K has 'train' and 'test'")
         source = resources.files("autojudge").joinpath(f"data/gsm8k/{split}.jsonl")
-        with source.open(encoding="utf-8") as f:
-            return _gsm8k_problems(_read_jsonl(f, f"gsm8k/{split}.jsonl"), f"gsm8k/{split}", "gsm8k")
+        return _gsm8k_problems(_gsm8k_rows(source, f"gsm8k/{split}.jsonl"), f"gsm8k/{split}", "gsm8k")
     if name == "humaneval":
         if split != "test":
             raise AutojudgeError("--split: HumanEval has only 'test'")
@@ -95,8 +88,7 @@ def load_dataset(name: str, split: str = "test") -> list[Problem]:
         raise AutojudgeError(f"--dataset {name!r}: expected gsm8k, humaneval or a PATH.jsonl")
     if not path.is_file():
         raise AutojudgeError(f"--dataset {name}: file not found")
-    with path.open(encoding="utf-8") as f:
-        rows = _read_jsonl(f, str(path))
+    rows = _gsm8k_rows(path, str(path))
     if not rows:
         raise AutojudgeError(f"--dataset {name}: the file has no problems")
     return _gsm8k_problems(rows, path.stem, str(path))
