@@ -172,3 +172,25 @@ def test_bench_batch_sizes_runs_on_tiny_models(tiny_pair):
     assert len(rows) == 2 and rows[0].split("|")[4].strip() == "1.00"  # batch 1 is its own baseline
     bad = CliRunner().invoke(main, [*args, "--batch-sizes", "4,0"])
     assert bad.exit_code == 1 and "--batch-sizes" in bad.output
+
+
+def test_batched_speculative_sampling_is_lossless(engine):
+    """3000 rows of one prompt, temperature 0.3: the first token comes from the prefill, the second from a
+    speculative cycle. Their joint distribution must be the target's, p(t1) p(t2 | t1) (chi-square, df 7, false
+    alarm 1e-4), over the 7 likeliest pairs and the rest."""
+    prompt, temperature, rows = [5, 17, 42, 99, 7], 0.3, 3000
+    out = engine.generate_batch([prompt] * rows, max_batch=rows, max_new_tokens=2, mode="speculative", window=3,
+                                temperature=temperature, seed=123, ignore_eos=True)
+    p1 = torch.softmax(engine.target.teacher_forced(prompt)[0][-1].double() / temperature, -1)
+    joint = {}
+    for t1 in p1.topk(40).indices.tolist():
+        p2 = torch.softmax(engine.target.teacher_forced(prompt + [t1])[0][-1].double() / temperature, -1)
+        for t2, q in zip(p2.topk(40).indices.tolist(), p2.topk(40).values.tolist()):
+            joint[t1, t2] = float(p1[t1]) * q
+    top = sorted(joint, key=joint.get, reverse=True)[:7]
+    expected = [joint[pair] * rows for pair in top]
+    expected.append(rows - sum(expected))
+    seen = [sum(tuple(o.token_ids) == pair for o in out) for pair in top]
+    seen.append(rows - sum(seen))
+    chi2 = sum((s - e) ** 2 / e for s, e in zip(seen, expected))
+    assert min(expected) > 5 and chi2 < 29.88, (seen, expected)
