@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autojudge.engine.engine import GenerationOutput, GenerationStats, Progress, _PhaseClock, _Sampler
+from autojudge.engine.engine import (
+    GenerationOutput,
+    GenerationStats,
+    Progress,
+    _PhaseClock,
+    _Sampler,
+    draft_length,
+)
 from autojudge.kernels import VerifyOutput
 
 
@@ -208,17 +215,14 @@ class BatchRun:
         """Each busy row's window as its batch-1 run would choose it (budget and cache end); rows with no room
         for a window take their last token from the target alone first."""
         ks = {}
-        for b, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            k = min(self.window, self.trash - slot.seq_len - 1, max(slot.wanted - 1, 1))
-            if k < 1:
-                self._target_step_alone(b)
+        for b in range(self.n):
+            while self.slots[b] is not None:
                 slot = self.slots[b]
-                if slot is None:
-                    continue
-                k = min(self.window, self.trash - slot.seq_len - 1, max(slot.wanted - 1, 1))
-            ks[b] = k
+                k = draft_length(self.window, self.trash, slot.seq_len, slot.wanted)
+                if k >= 1:
+                    ks[b] = k
+                    break
+                self._target_step_alone(b)
         if ks and self.sampler.temperature > 0:
             shortest = min(ks.values())
             ks = dict.fromkeys(ks, shortest)
@@ -295,11 +299,14 @@ class BatchRun:
     def _commit(self, ks, k_max, result, drafts, logits, draft_end) -> None:
         """Per row: keep its accepted drafts, write the target's next token after them; one host read."""
         slots = self.slots
-        own_k = torch.tensor([ks.get(b, k_max) for b in range(self.n)], device=self.device)
-        accepted = torch.minimum(result.num_accepted, own_k)
-        # A judge may accept past a row's own window; that row then gets the target's bonus token at it.
-        cut = result.num_accepted > own_k
-        nxt = torch.where(cut, logits[self.rows, own_k].argmax(-1), result.next_token)
+        accepted, nxt = result.num_accepted, result.next_token
+        if self.judge is not None:
+            # Past a row's own window the drafts are -1, so only a judge can accept there; that row then gets
+            # the target's bonus token at its own window.
+            own_k = torch.tensor([ks.get(b, k_max) for b in range(self.n)], device=self.device)
+            cut = accepted > own_k
+            accepted = torch.minimum(accepted, own_k)
+            nxt = torch.where(cut, logits[self.rows, own_k].argmax(-1), nxt)
         parts = [accepted, nxt, drafts.flatten()]
         if self.judge is not None:
             parts.append((result.judge_ok & ~result.target_ok).long().flatten())

@@ -69,11 +69,6 @@ class Decoder:
         self.cached_len = end
         return (None if logits is None else logits[0]), hidden[0]
 
-    @property
-    def rows(self) -> int:
-        """Sequences the KV cache holds at once."""
-        return self.model.batch
-
     def ensure_rows(self, rows: int) -> None:
         """Grows the KV cache to `rows` sequences (for batched decoding); what it held is dropped."""
         if rows > self.model.batch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +52,11 @@ class GenerationStats:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-BUSY = ("this engine is already generating (a stream not yet finished or closed, or another thread); finish or "
-        "close that first, or use one Engine per thread")
+def draft_length(window: int, max_seq_len: int, seq_len: int, wanted: int) -> int:
+    """Tokens to draft this cycle (< 1: no room for a cycle). A cycle yields up to k + 1 tokens: drafting past the
+    tokens still wanted would be thrown away (mining asks for short pieces of text many times over), and the
+    token after k accepted ones needs a cache slot too."""
+    return min(window, max_seq_len - seq_len - 1, max(wanted - 1, 1))
 
 
 class Progress:
@@ -156,23 +160,16 @@ class Engine:
             raise AutojudgeError("generate_batch takes a non-empty list of prompts")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise AutojudgeError(f"max_batch must be at least 1, got {max_batch}")
-        check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
-                      has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
-        if judge is not None and threshold is None:
-            threshold = judge.default_threshold
+        threshold = self._checked_threshold(mode, window, max_new_tokens, temperature, judge, threshold)
         encoded = []
         for i, prompt in enumerate(prompts):
             try:
                 encoded.append(self._encode_fitting(prompt))
             except AutojudgeError as err:
                 raise AutojudgeError(f"prompt {i} of {len(prompts)}: {err}") from None
-        if not self._busy.acquire(blocking=False):
-            raise AutojudgeError(BUSY)
-        try:
+        with self._exclusive():
             return BatchRun(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed,
                             judge, threshold).run()
-        finally:
-            self._busy.release()
 
     def _encode_fitting(self, prompt) -> list[int]:
         prompt_ids = self.encode_prompt(prompt)
@@ -203,23 +200,30 @@ class Engine:
 
     def _decode(self, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, mode="speculative", window=DEFAULT_WINDOW,
                 ignore_eos=False, temperature=0.0, seed=None, judge=None, threshold=None):
-        """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle.
-        `threshold` None means the judge's own default (the one its file stores)."""
-        # One generation at a time: the caches and the committed-token buffer belong to it until it ends.
+        """Yields (prompt_ids, new token ids of this step, stats) after the prefill and after every cycle."""
+        with self._exclusive():
+            yield from self._decode_owned(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
+                                          threshold)
+
+    @contextmanager
+    def _exclusive(self):
+        """One generation at a time: the caches and the committed-token buffer belong to it until it ends."""
         if not self._busy.acquire(blocking=False):
-            raise AutojudgeError(BUSY)
+            raise AutojudgeError("this engine is already generating (a stream not yet finished or closed, or another "
+                                 "thread); finish or close that first, or use one Engine per thread")
         try:
-            yield from self._decode_unlocked(prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed,
-                                             judge, threshold)
+            yield
         finally:
             self._busy.release()
 
-    def _decode_unlocked(self, prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
-                         threshold):
+    def _checked_threshold(self, mode, window, max_new_tokens, temperature, judge, threshold) -> float | None:
+        """Checks the request; returns the judge threshold to decode with (the judge's own default if None)."""
         check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                       has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
-        if judge is not None and threshold is None:
-            threshold = judge.default_threshold
+        return judge.default_threshold if judge is not None and threshold is None else threshold
+
+    def _decode_owned(self, prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge, threshold):
+        threshold = self._checked_threshold(mode, window, max_new_tokens, temperature, judge, threshold)
         prompt_ids = self._encode_fitting(prompt)
         stats = GenerationStats(mode=mode, window=window if mode != "target" else 0, prompt_tokens=len(prompt_ids))
         sampler = _Sampler(temperature, seed, self.target.device)
@@ -286,10 +290,7 @@ class Engine:
         wanted = max_new_tokens - 1
         while True:
             seq_len = self._seq_len
-            # A cycle yields up to k + 1 tokens: drafting past the tokens still wanted would be thrown away
-            # (mining asks for short pieces of text many times over), and the token after k accepted ones needs
-            # a cache slot too.
-            k = min(window, self.target.max_seq_len - seq_len - 1, max(wanted - 1, 1))
+            k = draft_length(window, self.target.max_seq_len, seq_len, wanted)
             if k < 1:  # one slot left: the target fills it, as target-only decoding would
                 yield [self._target_step(sampler)]
                 continue
