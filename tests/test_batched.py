@@ -48,6 +48,17 @@ def test_speculative_rows_equal_batch1(engine, lengths, max_batch, window, budge
     assert_rows_equal(engine.generate_batch(prompts, max_batch=max_batch, **kw), batch1(engine, prompts, **kw))
 
 
+def test_on_output_hands_over_each_row_once(engine):
+    """Each finished output reaches the callback once, before the batch ends (a caller can save it then)."""
+    prompts = prompts_of([4, 9, 6, 3, 12], seed=5)
+    handed = {}
+    kw = dict(max_new_tokens=6, mode="speculative", window=3, ignore_eos=True)
+    out = engine.generate_batch(prompts, max_batch=2, on_output=lambda i, o: handed.setdefault(i, []).append(o),
+                                **kw)
+    assert sorted(handed) == list(range(5)) and all(len(v) == 1 and v[0] is out[i] for i, v in handed.items())
+    assert_rows_equal(out, batch1(engine, prompts, **kw))
+
+
 @pytest.mark.parametrize("max_batch", [1, 3, 8])
 def test_target_rows_equal_batch1(engine, max_batch):
     prompts = prompts_of([5, 17, 2, 30, 9, 11], seed=1)

@@ -118,7 +118,7 @@ def test_shipped_judge_refuses_other_models(tiny_pair):
 def test_judge_options_need_a_judge_mode(tiny_pair):
     target, draft = tiny_pair
     base = ["generate", "hi", "--target", str(target), "--draft", str(draft)]
-    _assert_clean_error([*base, "--threshold", "0.3"], "used only in modes autojudge and judge")
+    _assert_clean_error([*base, "--threshold", "0.3"], "used only in modes autojudge, judge, topk")
     _assert_clean_error([*base, "--recall", "0.9"], "--recall applies to modes autojudge and judge")
 
 
@@ -134,3 +134,27 @@ def test_prompt_that_is_not_utf8(tiny_qwen):
     args = ["generate", "--target", str(tiny_qwen), "--draft", "none", "--mode", "target", "--max-new-tokens", "2"]
     _assert_clean_error(args, "not valid UTF-8", input=b"caf\xe9 \xff\xfe")
     _assert_clean_error([*args, "caf\udce9"], "not valid UTF-8")  # how Python hands over such argv bytes
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_damaged_judge(tmp_path, tiny_pair, command):
+    target, draft = tiny_pair
+    (tmp_path / "j.safetensors").write_bytes(b"")
+    (tmp_path / "j.json").write_text('{"format": "autojudge-judge", "version": 1, "setup": ')
+    models = ["--target", str(target), "--draft", str(draft), "--judge", str(tmp_path / "j"), "--kernels", "eager"]
+    args = (["generate", "hi", "--mode", "autojudge", *models] if command == "generate" else
+            ["eval", "--limit", "1", "--modes", "autojudge", "--out", str(tmp_path / "r.json"), *models])
+    _assert_clean_error(args, "is damaged: it is not JSON")
+
+
+def test_truncated_checkpoint_weights(tmp_path, tiny_qwen):
+    broken = shutil.copytree(tiny_qwen, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _assert_clean_error(["generate", "hi", "--target", str(broken), "--draft", "none", "--mode", "target"],
+                        "is truncated or damaged")
+
+
+def test_max_seq_len_beyond_memory(tiny_qwen):
+    _assert_clean_error(["generate", "hi", "--target", str(tiny_qwen), "--draft", "none", "--mode", "target",
+                         "--max-seq-len", str(10**12)], "lower --max-seq-len")

@@ -54,8 +54,8 @@ def test_markdown_and_plot(tmp_path):
     results = aggregate(ROWS)
     lines = markdown_table(results).splitlines()
     assert len(lines) == 2 + 3 and lines[0].startswith("| mode | threshold |")
-    assert lines[2] == "| target | - | - | 2 | 0.500 | - | 13.3 | - | 20.0 | 4.0 |"
-    assert lines[3] == "| autojudge | 0.2 | - | 2 | 1.000 | 2.50 | 16.0 | 0.375 | 16.0 | 2.5 |"
+    assert lines[2] == "| target | - | - | 2 | 0.500 | - | 13.3 | - | - | 20.0 | 4.0 |"
+    assert lines[3] == "| autojudge | 0.2 | - | 2 | 1.000 | 2.50 | 16.0 | - | 0.375 | 16.0 | 2.5 |"
     plot_pareto(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -142,7 +142,7 @@ def test_cli_report_table_plot_and_resume(tmp_path, dataset, fake):
         assert {"threshold", "judge_rescues_per_cycle", "wall_s", "mean_new_tokens"} <= set(r)
     assert target["accepted_per_cycle"] is None and spec["accepted_per_cycle"] == 2.5
     assert spec["judge_rescues_per_cycle"] == 0.0
-    assert "| speculative | - | - | 3 | 0.667 | 2.50 | 16.0 | 0.000 | 8.0 |" in result.stdout
+    assert "| speculative | - | - | 3 | 0.667 | 2.50 | 16.0 | - | 0.000 | 8.0 |" in result.stdout
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
     rows_file = tmp_path / "report.json.partial.jsonl"
@@ -251,3 +251,70 @@ def test_cli_tiny_models_end_to_end(tmp_path, dataset, tiny_pair):
     assert texts["target"] == texts["speculative"]  # lossless speculative decoding
     assert result.stdout.count("| autojudge |") == len(taus)
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_aggregate_splits_single_stream_and_batch_speed():
+    alone = _row("speculative", None, "p1", True, 10, 2, 6, 0, 2.0, 2.5)
+    batched = [{**_row("speculative", None, f"p{i}", True, 20, 4, 9, 0, 4.0, w), "batch_size": 4}
+               for i, w in ((2, 1.0), (3, 0.25), (4, 0.75))]
+    (result,) = aggregate([alone, *batched])
+    assert result["tokens_per_second"] == 5.0  # the row decoded alone: 10 tokens in 2 s
+    assert result["batch_tokens_per_second"] == 30.0  # 60 tokens over the batch's 2 s of wall time
+    assert result["batch_size"] == 4 and result["n"] == 4
+    (only_alone,) = aggregate([alone])
+    assert only_alone["batch_tokens_per_second"] is None and only_alone["batch_size"] == 1
+
+
+def _problems_file(tmp_path, n):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_cli_batched_rows_equal_batch_one_rows_and_resume(tmp_path, tiny_pair, monkeypatch):
+    """fp32: --batch-size changes only timing: every row's text, answer and acceptance equal batch 1's; a batched
+    run killed mid-way resumes without losing or doubling a row."""
+    target, draft = tiny_pair
+    judge_path, _ = _tiny_judge(tmp_path, target)
+    dataset = _problems_file(tmp_path, 7)
+    common = ["--dataset", dataset, "--modes", "target,speculative,autojudge", "--judge", judge_path,
+              "--thresholds", "0.3", "--max-new-tokens", 12, "--window", 4, "--target", target, "--draft", draft,
+              "--kernels", "eager", "--max-seq-len", 256, "--dtype", "fp32"]
+
+    def rows(out):
+        lines = (tmp_path / f"{out}.partial.jsonl").read_text().splitlines()[1:]
+        return {(r["mode"], r["problem_id"]): r for r in map(json.loads, lines)}
+
+    assert _eval([*common, "--out", tmp_path / "one.json"]).exit_code == 0
+    result = _eval([*common, "--out", tmp_path / "many.json", "--batch-size", 3, "--single-stream", 2])
+    assert result.exit_code == 0, result.output
+    one, many = rows("one.json"), rows("many.json")
+    assert one.keys() == many.keys() and len(one) == 21
+    same = ("text", "outcome", "correct", "new_tokens", "cycles", "accepted", "judge_rescues", "finish_reason")
+    for key in one:
+        assert {k: one[key][k] for k in same} == {k: many[key][k] for k in same}, key
+        assert many[key]["batch_size"] == (1 if int(key[1].split("/")[-1]) < 2 else 3), key
+    report = json.loads((tmp_path / "many.json").read_text())
+    for r in report["results"]:
+        assert r["batch_size"] == 3 and r["tokens_per_second"] > 0 and r["batch_tokens_per_second"] > 0
+
+    # Killed after 9 rows (inside the speculative mode's batch), then resumed: the same 21 rows, once each.
+    real_row, written = runner._row, []
+
+    def dying_row(*args, **kwargs):
+        if len(written) == 9:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_row(*args, **kwargs)
+
+    batched = [*common, "--out", tmp_path / "crash.json", "--batch-size", 3, "--single-stream", 2]
+    monkeypatch.setattr(runner, "_row", dying_row)
+    assert _eval(batched).exit_code != 0
+    monkeypatch.undo()
+    assert len(rows("crash.json")) == 9
+    assert _eval([*batched, "--resume"]).exit_code == 0
+    lines = (tmp_path / "crash.json.partial.jsonl").read_text().splitlines()[1:]
+    assert len(lines) == 21 and rows("crash.json").keys() == one.keys()
+    result = _eval([*common, "--out", tmp_path / "crash.json", "--batch-size", 4, "--resume"])
+    assert result.exit_code == 1 and "batch_size" in result.output

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from autojudge import Engine
+from autojudge.engine.engine import cpu_has_native_bf16 as real_cpu_has_native_bf16
 from autojudge.errors import AutojudgeError
 
 
@@ -242,3 +243,23 @@ def test_shared_prefix_is_reused_and_exact(tiny_pair):
         fresh.target.cached_len = fresh.draft.cached_len = 0
         want = fresh.generate(branch, max_new_tokens=20, mode=mode, window=4, ignore_eos=True)
         assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse2 avx2 amx_bf16 amx_tile", True),
+    ("fpu sse2 avx2 avx512f avx512_vnni", False),  # AVX512 without bf16 dot products emulates them
+    ("fpu sse2 avx2 avx512_bf16x", False),
+])
+def test_dtype_auto_picks_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, tiny_qwen, flags, native):
+    from autojudge.engine import engine as engine_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert real_cpu_has_native_bf16(cpuinfo) is native  # imported before conftest pins it to False
+    assert real_cpu_has_native_bf16(tmp_path / "missing") is False
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: native)
+    auto = Engine.from_pretrained(target=str(tiny_qwen), draft=None, max_seq_len=32, dtype="auto")
+    assert auto.target.precision == ("bfloat16" if native else "float32")
+    exact = Engine.from_pretrained(target=str(tiny_qwen), draft=None, max_seq_len=32)
+    assert exact.target.precision == "float32"  # the API's default stays exact on CPU

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import export_vllm, judge_paths, load_judge, save_judge
@@ -116,3 +117,55 @@ def test_shipped_default_judge_is_for_the_mined_default_pair():
     assert all(0.0 < tau <= 1.0 for tau in judge.thresholds["recall"].values())
     # Mining goes on appending to the file after the judge is trained, never rewriting what it held.
     assert meta["report"]["rows"] <= sum(1 for line in labels.read_text().splitlines() if '"kind": "label"' in line)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_meta(change):
+    def damage(st_path, json_path):
+        meta = json.loads(json_path.read_text())
+        change(meta)
+        json_path.write_text(json.dumps(meta))
+    return damage
+
+
+def _set(key, value):
+    return _edit_meta(lambda meta: meta.update({key: value}))
+
+
+DAMAGE = {
+    "truncated safetensors": (lambda st, js: _truncate(st), "truncated or damaged"),
+    "empty safetensors": (lambda st, js: st.write_bytes(b""), "truncated or damaged"),
+    "safetensors without bias": (lambda st, js: save_file({"weight": torch.zeros(8)}, str(st)), "no bias tensor"),
+    "empty metadata": (lambda st, js: js.write_text(""), "it is empty"),
+    "non-JSON metadata": (lambda st, js: js.write_text('{"format": "autojudge-judge", '), "it is not JSON"),
+    "non-UTF-8 metadata": (lambda st, js: js.write_bytes(b"\xff\xfe\x00{"), "it is not JSON"),
+    "metadata not an object": (lambda st, js: js.write_text("[1, 2]"), "is not a version-1 autojudge judge file"),
+    "missing setup": (_edit_meta(lambda meta: meta.pop("setup")), "it lacks setup"),
+    "missing thresholds and models": (_edit_meta(lambda meta: [meta.pop("thresholds"), meta.pop("models")]),
+                                      "it lacks models, thresholds"),
+    "unknown setup": (_set("setup", "XX"), "setup 'XX' is not one of DT, DD-DT"),
+    "setup of wrong type": (_set("setup", ["DT"]), "setup ['DT'] is not one of"),
+    "unknown kind": (_set("kind", 3), "kind 3 is not one of"),
+    "hidden sizes a list": (_set("hidden_sizes", [3, 5]), "hidden_sizes must be JSON objects"),
+    "hidden size a string": (_set("hidden_sizes", {"draft": 3, "target": "5"}), "hidden_sizes.target is '5'"),
+    "fingerprint a number": (_set("fingerprints", {"draft": 1, "target": "t"}), "fingerprints.draft is 1"),
+    "recall thresholds a list": (_set("thresholds", {"recall": [0.1]}), "thresholds.recall is not an object"),
+    "recall level not a number": (_set("thresholds", {"recall": {"high": 0.1}}), "thresholds.recall is not"),
+    "default threshold a string": (_set("default_threshold", "0.2"), "default_threshold is '0.2'"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_judge_is_refused_in_one_line(tmp_path, damage):
+    damage_fn, needle = DAMAGE[damage]
+    _, res, meta = trained()
+    st_path, json_path = save_judge(tmp_path / "j", res, meta)
+    damage_fn(st_path, json_path)
+    with pytest.raises(AutojudgeError) as err:
+        load_judge(tmp_path / "j", target=TARGET, draft=DRAFT)
+    message = str(err.value)
+    assert needle in message and "\n" not in message, message
+    assert str(st_path if "safetensors" in damage else json_path) in message, message

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from autojudge import Engine
 from autojudge.commands.mine import mine, parse_shard, select_problems
 from autojudge.errors import AutojudgeError
+from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Cost, Miner, MiningOptions
 from autojudge.mining.store import LabelStore, read_rows
 from autojudge.tasks.datasets import Problem
@@ -108,6 +109,28 @@ def test_speed_tricks_do_not_change_labels(engine, mined, speculative, reuse):
     results = _mine(engine, replace(MINING, speculative=speculative, reuse_continuation=reuse))
     assert _labels(results) == _labels(mined)
     assert (sum(r.cost.reused_tokens for r in results) > 0) == reuse
+
+
+def _comparable_result(result):
+    record = {k: v for k, v in result.record.items() if k not in ("wall_s", "cost")}
+    return result.labels, record
+
+
+@pytest.mark.parametrize("batch_size, reuse, budget", [(2, True, 28), (3, False, 28), (8, True, 40)])
+def test_batched_mining_equals_batch_one(engine, batch_size, reuse, budget):
+    """fp32: mining problems side by side (their calls in shared forwards, rows refilled as problems end) gives
+    each problem exactly the labels and answer of mining it alone."""
+    options = replace(MINING, reuse_continuation=reuse, max_new_tokens=budget)
+    problems = _problems(6)
+    alone = _mine(engine, options, n=6)
+    together = {}
+    mine_all(Miner(engine, parity, options), [(p, engine.encode_prompt(p.question)) for p in problems], batch_size,
+             lambda problem, result: together.setdefault(problem.problem_id, []).append(result))
+    assert sorted(together) == sorted(p.problem_id for p in problems)
+    assert all(len(v) == 1 for v in together.values())
+    assert sum(len(r.labels) for r in alone) > 6  # enough swaps for the comparison to mean something
+    for problem, single in zip(problems, alone):
+        assert _comparable_result(together[problem.problem_id][0]) == _comparable_result(single), problem.problem_id
 
 
 def test_an_answer_cut_by_the_budget_gets_no_labels(engine, mined):
@@ -235,6 +258,15 @@ def _comparable(path):
     return rows
 
 
+def _by_problem(path):
+    """meta row, then problem id -> its rows in file order: a problem's rows stay together, problems may not."""
+    meta, *rows = _comparable(path)
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(row["problem_id"], []).append(row)
+    return meta, grouped
+
+
 def _cli(args, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     result = CliRunner().invoke(mine, args, catch_exceptions=False)
@@ -293,10 +325,11 @@ def _problem_rows(path):
     return path.read_bytes().count(b'"kind": "problem"')
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_path):
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "4"]], ids=["batch1", "batch4"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_path, batch):
     reference, interrupted = tmp_path / "reference.jsonl", tmp_path / "interrupted.jsonl"
-    full = _spawn(_args(tiny_pair, dataset, reference))
-    victim = _spawn(_args(tiny_pair, dataset, interrupted))
+    full = _spawn(_args(tiny_pair, dataset, reference, *batch))
+    victim = _spawn(_args(tiny_pair, dataset, interrupted, *batch))
     deadline = time.monotonic() + 120
     while _problem_rows(interrupted) < 3 and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -305,8 +338,32 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_
     assert 3 <= _problem_rows(interrupted) < 16, "the run finished before the kill; the test needs more problems"
     with open(interrupted, "ab") as f:  # as if the kill had landed in the middle of a problem's rows
         f.write(b'{"kind": "label", "problem_id": "tiny/15", "position": 0}\n{"kind": "lab')
-    resumed = _spawn(_args(tiny_pair, dataset, interrupted, "--resume"))
+    resumed = _spawn(_args(tiny_pair, dataset, interrupted, "--resume", *batch))
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
     assert full.wait(timeout=300) == 0, full.stdout.read().decode()
-    assert _comparable(interrupted) == _comparable(reference)
+    # Problems finish in another order when a batch resumes with other problems in flight; each is the same.
+    assert _by_problem(interrupted) == _by_problem(reference)
     assert _problem_rows(reference) == 16
+
+
+def test_cli_resume_refuses_weights_changed_under_the_same_path(tiny_pair, dataset, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("AUTOJUDGE_CACHE", str(tmp_path / "cache"))
+    target, draft = (shutil.copytree(model, tmp_path / name) for model, name in zip(tiny_pair, ("target", "draft")))
+    out = tmp_path / "labels.jsonl"
+    _cli(_args((target, draft), dataset, out, "--limit", "1"), monkeypatch)
+    meta = read_rows(out, "meta")[0]
+    assert meta["target_weights"] != meta["draft_weights"] and len(meta["draft_weights"]) == 64
+    _cli(_args((target, draft), dataset, out, "--limit", "2", "--resume"), monkeypatch)  # same weights: resumes
+    assert len(read_rows(out, "problem")) == 2
+    weights = draft / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"] = state["model.norm.weight"] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    result = CliRunner().invoke(mine, _args((target, draft), dataset, out, "--limit", "3", "--resume"))
+    assert isinstance(result.exception, AutojudgeError), result.output
+    assert "draft_weights differ from the run that wrote it" in str(result.exception)
+    assert len(read_rows(out, "problem")) == 2

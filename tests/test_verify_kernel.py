@@ -1,5 +1,6 @@
 """Fused verify kernel (Triton, run by the CPU interpreter here) against the eager reference."""
 
+import math
 import os
 import subprocess
 import sys
@@ -191,8 +192,11 @@ def test_ties_and_splits_across_blocks(monkeypatch):
     assert greedy[0, 0] == 390
     draft = torch.where(torch.rand(b, k, generator=gen) < 0.7, greedy[:, :k], (greedy[:, :k] + 1) % v)
     both(logits, draft, **make_judge(gen, b, k, (70, 30), torch.float32, 3 * torch.randn(b, k, generator=gen)))
+    out = both(logits, draft, topk=3, topk_alpha=0.1)  # rank counts summed over the splits
+    assert out.judge_ok.any() and not out.judge_ok.all()
     logits, draft, kw = sampling_case(gen, b, k, v, "fp16")
     both(logits, draft, **kw)
+    both(logits, draft, **kw, topk=2, topk_alpha=0.1)  # raw maxima combined over the splits
 
 
 def test_strided_inputs_and_out_reuse():
@@ -230,19 +234,112 @@ def test_seeded_kernel_is_deterministic_and_offset_moves_it():
 @settings(max_examples=15, deadline=None)
 @given(
     b=st.integers(1, 3), k=st.integers(1, 6), v=st.integers(1, 300), seed=st.integers(0, 2**16),
-    sampling=st.booleans(), judged=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)),
+    sampling=st.booleans(), rule=st.sampled_from(["lossless", "judge", "topk"]),
+    dtype=st.sampled_from(sorted(DTYPES)), topk=st.integers(1, 4), alpha=st.sampled_from([0.0, 0.2, 1.0]),
 )
-def test_property_kernel_equals_reference(b, k, v, seed, sampling, judged, dtype):
+def test_property_kernel_equals_reference(b, k, v, seed, sampling, rule, dtype, topk, alpha):
     gen = torch.Generator().manual_seed(seed)
     logits, draft, kw = sampling_case(gen, b, k, v, dtype)
     if not sampling:
         kw = {}
         draft = torch.where(torch.rand(b, k, generator=gen) < 0.7, greedy_of(logits)[:, :k], draft)
-    judge = make_judge(gen, b, k, (5,), torch.float32, 3 * torch.randn(b, k, generator=gen)) if judged else {}
-    both(logits, draft, **kw, **judge)
+    if rule == "judge":
+        kw |= make_judge(gen, b, k, (5,), torch.float32, 3 * torch.randn(b, k, generator=gen))
+    elif rule == "topk":
+        kw |= {"topk": topk, "topk_alpha": alpha}
+    both(logits, draft, **kw)
 
 
-# ---- lossless sampling: the first emitted token is distributed as softmax(L_0 / T) ----------------
+# ---- top-k rule: a drafted token within the target's top k and alpha of its top probability -------
+
+INF, NAN = float("inf"), float("nan")
+# Rows of the hand example, V = 5 (draft 5 and -1 are out of vocabulary), and what the definition gives:
+# rank = #{logits > the drafted one}, ratio = exp(L_d - max L).
+HAND_ROWS = [
+    ([0, 3, 2, 2, 1], 2),  # rank 1 (the other 2 ties), ratio e^-1
+    ([0, 3, 2, 2, 1], 4),  # rank 3, ratio e^-2
+    ([NAN, 5, -INF, 5, 4], 0),  # NaN draft logit: never accepted
+    ([NAN, 5, -INF, 5, 4], 2),  # -inf draft logit: never accepted
+    ([INF, 1, INF, 0, 0], 2),  # tied with +inf max: rank 0, ratio 1
+    ([INF, 1, INF, 0, 0], 1),  # under two +inf: rank 2, ratio 0
+    ([-INF] * 5, 1),  # no finite logit: never accepted
+    ([0, 1, 2, 3, 4], -1),
+    ([0, 1, 2, 3, 4], 5),
+]
+HAND_PROB = [math.exp(-1), math.exp(-2), 0, 0, 1, 0, 0, 0, 0]
+
+
+# numpy sees -inf - -inf in the sampling pass over the all -inf row
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("topk,alpha,accepted", [
+    (1, 0.0, [0, 0, 0, 0, 1, 0, 0, 0, 0]),
+    (2, 0.0, [1, 0, 0, 0, 1, 0, 0, 0, 0]),
+    (3, 0.0, [1, 0, 0, 0, 1, 1, 0, 0, 0]),  # alpha 0: no probability condition, even at ratio 0
+    (4, 0.0, [1, 1, 0, 0, 1, 1, 0, 0, 0]),
+    (4, math.exp(-1), [1, 0, 0, 0, 1, 0, 0, 0, 0]),  # ratio exactly alpha is accepted
+    (4, 0.37, [0, 0, 0, 0, 1, 0, 0, 0, 0]),
+    (4, 1.0, [0, 0, 0, 0, 1, 0, 0, 0, 0]),
+    (100, 0.1, [1, 1, 0, 0, 1, 0, 0, 0, 0]),  # topk beyond V
+])
+def test_topk_rule_hand_example(topk, alpha, accepted):
+    k = len(HAND_ROWS)
+    logits = torch.tensor([[row for row, _ in HAND_ROWS] + [[0.0] * 5]])
+    draft = torch.tensor([[d for _, d in HAND_ROWS]])
+    out = both(logits, draft, topk=topk, topk_alpha=alpha)
+    assert out.judge_ok.tolist() == [[bool(a) for a in accepted]]
+    torch.testing.assert_close(out.judge_prob, torch.tensor([HAND_PROB]))
+    assert not out.target_ok[0, 0] and out.num_accepted.item() == accepted.index(0)
+    # Sampling at another temperature: the rule still reads the raw logits.
+    gen = torch.Generator().manual_seed(0)
+    sampled = both(logits, draft, topk=topk, topk_alpha=alpha, temperature=0.5,
+                   draft_probs=torch.full((1, k, 5), 0.2), uniforms=torch.rand(1, k, generator=gen),
+                   noise=torch.empty(1, k + 1, 5).exponential_(generator=gen))
+    assert torch.equal(sampled.judge_ok, out.judge_ok) and torch.equal(sampled.judge_prob, out.judge_prob)
+
+
+def topk_case(gen, b, k, v, dtype, topk):
+    """Drafts at every edge of the rule: rank exactly topk-1 or topk (tied with other tokens, top
+    token at ratio exp(-0.5)), the argmax, random tokens, -1 and V, and NaN/-inf/+inf logits."""
+    x = 2 * torch.randn(b, k + 1, v, generator=gen)
+    draft = torch.randint(0, v, (b, k), generator=gen)
+    kinds = torch.randint(0, 6, (b, k), generator=gen).tolist()
+    for bi in range(b):
+        for i in range(k):
+            row, d, kind = x[bi, i], draft[bi, i].item(), kinds[bi][i]
+            if kind < 2 and topk - 1 + kind < v:
+                above = torch.randperm(v, generator=gen)
+                above = above[above != d][: topk - 1 + kind]
+                row.clamp_(max=3.0)
+                row[d] = 3.0
+                row[above] = 3.25
+                row[above[:1]] = 3.5
+            elif kind == 2:
+                draft[bi, i] = row.argmax()
+            elif kind == 3:
+                draft[bi, i] = (-1, v)[i % 2]
+            elif kind == 4:
+                row[d] = (NAN, -INF, INF)[i % 3]
+            else:  # +inf somewhere, maybe on the draft
+                row[torch.randint(0, v, (2,), generator=gen)] = INF
+    return x.to(DTYPES[dtype]), draft
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.parametrize("b,k,v,dtype", [(1, 3, 32000, "bf16"), (2, 5, 1000, "fp16"), (3, 4, 517, "fp32")])
+def test_topk_rule_matches_reference(b, k, v, dtype, sampling):
+    gen = torch.Generator().manual_seed(v + k)
+    kw = {}
+    if sampling:
+        kw = {"temperature": 0.7, "draft_probs": torch.softmax(torch.randn(b, k, v, generator=gen), -1),
+              "uniforms": torch.rand(b, k, generator=gen), "noise": torch.empty(b, k + 1, v).exponential_(generator=gen)}
+    verdicts = []
+    for topk, alpha in [(1, 0.0), (2, math.exp(-0.5)), (3, 1.0), (5, 0.3)]:
+        logits, draft = topk_case(gen, b, k, v, dtype, topk)
+        verdicts.append(both(logits, draft, **kw, topk=topk, topk_alpha=alpha).judge_ok)
+    verdicts = torch.cat(verdicts)
+    assert verdicts.any() and not verdicts.all()
+
+
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -294,6 +391,14 @@ def test_bad_input_raises_clear_errors(fn):
         fn(logits, draft.float())
     with pytest.raises(ValueError, match="temperature"):
         fn(logits, draft, temperature=-1.0)
+    with pytest.raises(ValueError, match="judge_features or topk, not both"):
+        fn(logits, draft, judge_features=torch.randn(2, 3, 5), judge_weight=torch.randn(5), topk=2)
+    for topk in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="topk must be an int >= 0"):
+            fn(logits, draft, topk=topk)
+    for alpha in (-0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="topk_alpha must be in \\[0, 1\\]"):
+            fn(logits, draft, topk=1, topk_alpha=alpha)
 
 
 def test_resolve_kernels(monkeypatch):
@@ -323,15 +428,17 @@ from autojudge.kernels.triton_verify import _verify_kernel as fn
 
 pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
             "offset_ptr": "*i64", "part_idx_ptr": "*i32", "counter_ptr": "*i32", "num_acc_ptr": "*i64",
-            "next_tok_ptr": "*i64", "target_ok_ptr": "*i8", "judge_ok_ptr": "*i8"}
+            "next_tok_ptr": "*i64", "target_ok_ptr": "*i8", "judge_ok_ptr": "*i8", "part_cnt_ptr": "*i32"}
 # Phase 2's tile from the largest (64 splits x 65 rows -> 64 x 128) down to a single element.
 for pads, flags in (
-    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "SEEDED": False,
-                                   "OFFSET_FROM_PTR": False}),
-    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": True, "HAS_JUDGE": True, "HAS_F2": False, "SEEDED": True,
-                                   "OFFSET_FROM_PTR": True}),
-    ({"S_PAD": 1, "R_PAD": 2}, {"SAMPLING": True, "HAS_JUDGE": False, "HAS_F2": False, "SEEDED": False,
-                                "OFFSET_FROM_PTR": False}),
+    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "TOPK": False,
+                                   "SEEDED": False, "OFFSET_FROM_PTR": False}),
+    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": True, "HAS_JUDGE": True, "HAS_F2": False, "TOPK": False,
+                                   "SEEDED": True, "OFFSET_FROM_PTR": True}),
+    ({"S_PAD": 1, "R_PAD": 2}, {"SAMPLING": True, "HAS_JUDGE": False, "HAS_F2": False, "TOPK": True,
+                                "SEEDED": False, "OFFSET_FROM_PTR": False}),
+    ({"S_PAD": 8, "R_PAD": 8}, {"SAMPLING": False, "HAS_JUDGE": False, "HAS_F2": False, "TOPK": True,
+                                "SEEDED": False, "OFFSET_FROM_PTR": False}),
 ):
     consts = {**pads, "BLOCK_V": 2048, "BLOCK_D": 1024, **flags}
     sig = {}
@@ -340,7 +447,7 @@ for pads, flags in (
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers.get(name, "*fp32")
-        elif name in ("judge_bias", "threshold", "temperature"):
+        elif name in ("judge_bias", "threshold", "temperature", "log_alpha"):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name in ("seed", "offset_val") else "i32"

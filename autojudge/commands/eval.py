@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
-from autojudge.engine.request import DEFAULT_WINDOW
+from autojudge.engine.request import DEFAULT_TOPK, DEFAULT_TOPK_ALPHA, DEFAULT_WINDOW
 
 
 def rows_path(out: Path) -> Path:
@@ -19,11 +19,16 @@ def rows_path(out: Path) -> Path:
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N problems.")
 @click.option("--modes", default=None,
-              help="Comma-separated: target, speculative, autojudge, judge "
+              help="Comma-separated: target, speculative, autojudge, judge, topk "
                    "[default: target,speculative, plus autojudge with --judge].")
 @click.option("--thresholds", default=None,
               help="Comma-separated judge thresholds in (0, 1] for modes autojudge/judge "
                    "[default: the judge's stored recall-based thresholds].")
+@click.option("--topk", default=DEFAULT_TOPK, show_default=True, type=click.IntRange(min=1),
+              help="Mode topk: a mismatching draft token is kept when among the target's top K ...")
+@click.option("--alphas", default=None,
+              help="... with probability >= ALPHA x the top token's: comma-separated, one run each "
+                   f"[default: {DEFAULT_TOPK_ALPHA}].")
 @click.option("--judge", "judge_path", default=None, help="Judge file for modes autojudge/judge: PATH or 'default'.")
 @click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help="Draft tokens per cycle.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=int)
@@ -31,9 +36,14 @@ def rows_path(out: Path) -> Path:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw accuracy against accepted tokens per cycle and tokens/s (PNG).")
 @click.option("--resume", is_flag=True, help="Keep the rows already in OUT.partial.jsonl and do only the rest.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Problems decoded together (continuous batching); the report adds batch tokens/s.")
+@click.option("--single-stream", default=8, show_default=True, type=click.IntRange(min=0),
+              help="With --batch-size > 1: the first N problems of each mode are decoded alone, for the "
+                   "single-stream tokens/s a user waits on.")
 @engine_options
-def eval_cmd(dataset, split, limit, modes, thresholds, judge_path, window, max_new_tokens, out, plot, resume,
-             **engine_kw):
+def eval_cmd(dataset, split, limit, modes, thresholds, topk, alphas, judge_path, window, max_new_tokens, out, plot,
+             resume, batch_size, single_stream, **engine_kw):
     """Evaluate decoding modes on a dataset; rows go to OUT.partial.jsonl as they finish, the report to OUT."""
     from autojudge.errors import AutojudgeError
     from autojudge.eval import runner
@@ -42,7 +52,8 @@ def eval_cmd(dataset, split, limit, modes, thresholds, judge_path, window, max_n
 
     mode_list = runner.parse_modes(modes or ("target,speculative,autojudge" if judge_path else "target,speculative"))
     taus = runner.parse_thresholds(thresholds)
-    runner.validate(mode_list, taus, judge_path is not None, window, max_new_tokens)
+    alpha_list = runner.parse_thresholds(alphas, "--alphas")
+    runner.validate(mode_list, taus, judge_path is not None, window, max_new_tokens, alpha_list)
     if limit is not None and limit < 1:
         raise AutojudgeError(f"--limit must be at least 1, got {limit}")
     problems = load_dataset(dataset, split)[:limit]
@@ -50,13 +61,17 @@ def eval_cmd(dataset, split, limit, modes, thresholds, judge_path, window, max_n
         engine_kw["draft"] = None
     config = {"dataset": dataset, "split": split, "limit": limit, "n_problems": len(problems), "modes": mode_list,
               "thresholds": taus, "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
+              "batch_size": batch_size, "single_stream": single_stream if batch_size > 1 else 0,
+              "topk": topk if "topk" in mode_list else None, "alphas": alpha_list,
               **engine_kw, "rows": str(rows_path(out))}
 
     engine = engine_from_options(**engine_kw)
     judge = runner.load_eval_judge(judge_path, engine, mode_list) if judge_path else None
-    runs = runner.plan_runs(mode_list, taus, judge)
+    runs = runner.plan_runs(mode_list, taus, judge, alpha_list)
     log = runner.RowLog(rows_path(out), config, resume)
-    rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens, judge=judge)
+    rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens,
+                           judges=runner.judges_by_mode(judge, topk), batch_size=batch_size,
+                           single_stream=config["single_stream"])
 
     report = build_report(rows, config)
     write_report(report, out)

@@ -11,10 +11,14 @@ import click
 from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.engine.request import (
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOPK,
+    DEFAULT_TOPK_ALPHA,
     DEFAULT_WINDOW,
     JUDGE_MODES,
+    LOSSY_MODES,
     MAX_WINDOW,
     MODES,
+    TopkRule,
     check_request,
 )
 from autojudge.errors import AutojudgeError
@@ -34,6 +38,11 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--judge", "judge_path", default=None, help="Judge file (modes autojudge/judge): PATH or 'default'.")
 @click.option("--threshold", default=None, type=float, help="Judge threshold tau: accept a mismatch when p < tau.")
 @click.option("--recall", default=None, type=float, help="Pick tau from the judge's stored thresholds by recall.")
+@click.option("--topk", default=None, type=int,
+              help=f"Mode topk: keep a mismatching draft token among the target's top K [default: {DEFAULT_TOPK}].")
+@click.option("--alpha", default=None, type=float,
+              help="Mode topk: ... whose probability is at least ALPHA x the top token's "
+                   f"[default: {DEFAULT_TOPK_ALPHA}].")
 @click.option("--json", "as_json", is_flag=True, help="Print output and stats as one JSON object.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSONL, one prompt per line (a string, chat messages, token ids, or {\"prompt\": ...}): "
@@ -41,7 +50,8 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--batch-size", default=8, show_default=True, type=int,
               help="With --prompts-file: sequences decoded together (continuous batching).")
 def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, mode, window, max_new_tokens,
-             temperature, seed, ignore_eos, judge_path, threshold, recall, as_json, prompts_file, batch_size):
+             temperature, seed, ignore_eos, judge_path, threshold, recall, topk, alpha, as_json, prompts_file,
+             batch_size):
     """Generate from PROMPT (text; '-' or nothing reads stdin), or from every line of --prompts-file."""
     if prompts_file is not None:
         if prompt is not None:
@@ -53,13 +63,14 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
         prompt = read_prompt(prompt)
     # Judge modes load the default judge when no --judge is given.
     check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
-                  has_draft=draft != "none", has_judge=mode in JUDGE_MODES or judge_path is not None,
+                  has_draft=draft != "none", has_judge=mode in LOSSY_MODES or judge_path is not None,
                   threshold=threshold)
     if recall is not None and mode not in JUDGE_MODES:
         raise AutojudgeError(f"--recall applies to modes autojudge and judge, not {mode!r}")
+    rule = topk_rule(mode, topk, alpha, judge_path, threshold)
     engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels,
                                  cuda_graphs)
-    judge, threshold = _judge_for(engine, mode, judge_path, threshold, recall)
+    judge, threshold = (rule, None) if rule is not None else _judge_for(engine, mode, judge_path, threshold, recall)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, window=window, ignore_eos=ignore_eos,
                    temperature=temperature, seed=seed, judge=judge, threshold=threshold)
     if prompts_file is not None:
@@ -93,6 +104,17 @@ def read_prompts_file(path: Path) -> list:
     if not rows:
         raise AutojudgeError(f"{path} holds no prompts")
     return [row["prompt"] if isinstance(row, dict) and "prompt" in row else row for _, row in rows]
+
+
+def topk_rule(mode: str, topk: int | None, alpha: float | None, judge_path=None, threshold=None) -> TopkRule | None:
+    """Mode topk's rule from --topk/--alpha (each defaulting to the rule's own); refused in other modes."""
+    if mode != "topk":
+        if topk is not None or alpha is not None:
+            raise AutojudgeError(f"--topk and --alpha apply to mode topk, not {mode!r}")
+        return None
+    if judge_path is not None or threshold is not None:
+        raise AutojudgeError("mode topk needs no trained judge: drop --judge/--threshold, set --topk and --alpha")
+    return TopkRule(**{name: value for name, value in (("k", topk), ("alpha", alpha)) if value is not None})
 
 
 def _judge_for(engine, mode, judge_path, threshold, recall):

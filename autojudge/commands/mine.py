@@ -9,6 +9,7 @@ import click
 from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.errors import AutojudgeError
+from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Miner, MiningOptions
 from autojudge.mining.store import LabelStore
 from autojudge.progress import progress
@@ -46,14 +47,14 @@ def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_token
 
 
 def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
-               options: MiningOptions) -> dict:
+               options: MiningOptions, batch_size: int = 1) -> dict:
     miner = Miner(engine, checker, options)
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
     totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "truncated": 0, "target_forwards": 0}
     with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar:
-        for problem, prompt_ids in todo:
-            result = miner.mine(problem, prompt_ids)
-            store.add_problem(result.labels, result.record)
+
+        def keep(problem: Problem, result) -> None:
+            store.add_problem(result.labels, {**result.record, "batch_size": batch_size})
             totals["problems"] += 1
             totals["labels"] += len(result.labels)
             totals["important"] += result.record["n_important"]
@@ -63,6 +64,8 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
             bar.set_postfix(labels=totals["labels"], truncated=totals["truncated"], refresh=False,
                             important=f"{totals['important'] / max(totals['labels'], 1):.2f}")
             bar.update(1)
+
+        mine_all(miner, todo, batch_size, keep)
     return totals
 
 
@@ -82,17 +85,19 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
 @click.option("--prompt-template", default=None,
               help="Chat prompt with '{question}' where the problem goes [default: per task].")
 @click.option("--speculative/--no-speculative", default=True, show_default=True,
-              help="Generate continuations by lossless speculative decoding.")
+              help="Generate continuations by lossless speculative decoding (batch size 1).")
 @click.option("--reuse-continuation/--no-reuse-continuation", default=True, show_default=True,
               help="Try the previous continuation as a free draft after each swap (exact; each check runs "
                    "only the new tokens past the cached prefix).")
 @click.option("--skip-truncated/--label-truncated", default=True, show_default=True,
               help="Leave unlabelled a problem whose answer hits --max-new-tokens before it ends: it has no "
                    "final answer for swaps to keep or change.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Problems mined at once, their model calls sharing forward passes (same labels as 1).")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
-         speculative, reuse_continuation, skip_truncated, checker_spec, **engine_kwargs):
+         speculative, reuse_continuation, skip_truncated, batch_size, checker_spec, **engine_kwargs):
     """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
     shard = parse_shard(shard)
     split = split or ("test" if dataset == "humaneval" else "train")
@@ -104,7 +109,9 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
     engine = engine_from_options(**engine_kwargs)
     meta = {
         "target": engine.target.name, "target_fingerprint": engine.target.fingerprint,
+        "target_weights": engine.target.weights_fingerprint,
         "draft": engine.draft.name, "draft_fingerprint": engine.draft.fingerprint,
+        "draft_weights": engine.draft.weights_fingerprint,
         # Greedy answers (so labels) shift with precision: fp32 and bf16 rows must not share a file.
         "dtype": engine.target.precision,
         "dataset": dataset, "split": split, "max_new_tokens": max_new_tokens,
@@ -115,7 +122,7 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
     prompts = [engine.encode_prompt(build_messages(p, prompt_template)) for p in problems]
     _check_fits(problems, prompts, max_new_tokens, engine.target.max_seq_len)
     with LabelStore(out, meta, resume) as store:
-        totals = run_mining(engine, problems, prompts, checker, store, options)
+        totals = run_mining(engine, problems, prompts, checker, store, options, batch_size)
     ratio = totals["important"] / max(totals["labels"], 1)
     click.echo(f"mined {totals['problems']} problems: {totals['labels']} labels, {ratio:.1%} important, "
                f"target correct on {totals['correct']}, {totals['truncated']} answers cut by the budget, "

@@ -14,7 +14,8 @@ def engine_options(fn):
     @click.option("--draft", default="default", show_default=True,
                   help="Draft model (same forms as --target); 'none' for target-only use.")
     @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-    @click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")
+    @click.option("--dtype", default="auto", show_default=True,
+                  help="auto (bf16 on GPU and on a CPU with AMX or AVX512_BF16, else fp32), fp32, bf16, fp16.")
     @click.option("--max-seq-len", default=4096, show_default=True, type=int, help="KV cache size in tokens.")
     @click.option("--kernels", type=click.Choice(["auto", "triton", "eager"]), default="auto", show_default=True,
                   help="Verify step: fused Triton kernel or eager torch reference.")

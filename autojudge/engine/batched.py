@@ -26,6 +26,7 @@ from autojudge.engine.engine import (
     _PhaseClock,
     _Sampler,
     draft_length,
+    lossy_verify_args,
 )
 from autojudge.kernels import VerifyOutput
 
@@ -71,10 +72,12 @@ class _Slot:
 
 class BatchRun:
     def __init__(self, engine, prompts: list[list[int]], max_batch: int, max_new_tokens: int, mode: str,
-                 window: int, ignore_eos: bool, temperature: float, seed: int | None, judge, threshold):
+                 window: int, ignore_eos: bool, temperature: float, seed: int | None, judge, threshold,
+                 on_output=None):
         self.engine, self.mode, self.window = engine, mode, window
+        self.on_output = on_output
         self.max_new_tokens, self.ignore_eos = max_new_tokens, ignore_eos
-        self.judge, self.threshold = judge, (0.0 if judge is None else threshold)
+        self.judge, self.threshold = judge, threshold
         self.target, self.draft = engine.target, (None if mode == "target" else engine.draft)
         self.device = self.target.device
         self.n = min(max_batch, len(prompts))
@@ -145,8 +148,11 @@ class BatchRun:
         slot.token_ids += new
         if done:
             text = self.engine.tokenizer.decode(slot.token_ids, skip_special_tokens=True)
-            self.outputs[slot.prompt_index] = GenerationOutput(text, slot.token_ids, slot.prompt_ids, slot.stats)
+            output = GenerationOutput(text, slot.token_ids, slot.prompt_ids, slot.stats)
+            self.outputs[slot.prompt_index] = output
             self.slots[b] = None
+            if self.on_output is not None:
+                self.on_output(slot.prompt_index, output)
         return done
 
     def _emit_and_refill(self, b: int, new: list[int]) -> None:
@@ -277,18 +283,16 @@ class BatchRun:
         live = torch.tensor([[b in ks and j < ks[b] for j in range(k_max)] for b in range(self.n)],
                             device=self.device)
         drafts = torch.where(live, tokens[:, 1:], -1)
-        features = None
-        if self.judge is not None:
+
+        def features():
             target_hidden = hidden[:, 1:].float()
-            features = target_hidden if self.draft_hidden is None else (self.draft_hidden[:, :k_max], target_hidden)
+            return target_hidden if self.draft_hidden is None else (self.draft_hidden[:, :k_max], target_hidden)
+
         if k_max not in self.verify_outs:
             self.verify_outs[k_max] = VerifyOutput.empty(self.n, k_max, self.device)
         result = self.engine.verify(
             logits, drafts,
-            judge_features=features,
-            judge_weight=None if self.judge is None else self.judge.weight,
-            judge_bias=0.0 if self.judge is None else float(self.judge.bias),
-            threshold=self.threshold,
+            **lossy_verify_args(self.judge, self.threshold, features),
             temperature=self.sampler.temperature,
             draft_probs=None if self.draft_probs is None else self.draft_probs[:, :k_max],
             seed=self.sampler.seed, offset=self.stats.model_steps,

@@ -55,6 +55,11 @@ class Decoder:
         blob = json.dumps({"config": self.config.to_dict(), "vocab": self.vocab_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @cached_property
+    def weights_fingerprint(self) -> str | None:
+        """sha256 of the exact weights (None without a checkpoint): fine-tuning keeps `fingerprint` unchanged."""
+        return None if self.checkpoint is None else self.checkpoint.weights_fingerprint()
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, logits_from: int | None = 0):
         """Runs tokens [T] (or [1, T]) at positions start.. ; returns (logits [T', V] fp32 | None, hidden [T, D])."""

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from autojudge.engine import loading
 from autojudge.engine.cuda_graphs import CudaGraphs
 from autojudge.engine.decoder import Decoder
-from autojudge.engine.request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_WINDOW, check_request
+from autojudge.engine.request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_WINDOW, TopkRule, check_request
 from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
 from autojudge.errors import AutojudgeError
 from autojudge.kernels import VerifyOutput
@@ -131,6 +133,15 @@ class Engine:
             draft_ckpt = loading.resolve(draft, "draft")
             draft_tok = load_tokenizer(draft_ckpt.directory)
             check_compatible(tokenizer, draft_tok, target_ckpt.name, draft_ckpt.name)
+            # The draft embeds every token the target commits. Ids past the draft's rows but inside the target's
+            # padding rows (Qwen2.5-7B has 152064 rows, its 0.5B draft 151936) are clamped by the model; real
+            # tokens past the draft's rows would be embedded wrongly throughout, so the pair is refused.
+            draft_rows = draft_ckpt.config.vocab_size
+            if len(tokenizer) > draft_rows:
+                raise AutojudgeError(
+                    f"the draft ({draft_ckpt.name}) has {draft_rows} vocabulary rows but the tokenizer has "
+                    f"{len(tokenizer)} tokens; pick a draft whose vocabulary covers the target's tokenizer"
+                )
             draft_dec = Decoder.load(draft_ckpt, draft_tok, dtype, device, max_seq_len, attention)
         eos = target_ckpt.eos_token_ids() | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         return cls(target_dec, draft_dec, tokenizer, eos, kernels, cuda_graphs)
@@ -150,10 +161,12 @@ class Engine:
 
     def generate_batch(self, prompts, max_batch: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                        mode: str = "speculative", window: int = DEFAULT_WINDOW, ignore_eos: bool = False,
-                       temperature: float = 0.0, seed: int | None = None, judge=None, threshold: float | None = None):
+                       temperature: float = 0.0, seed: int | None = None, judge=None, threshold: float | None = None,
+                       on_output=None):
         """One GenerationOutput per prompt, in order (a list that also carries `.stats` for the batch), decoded
         with continuous batching through at most `max_batch` cache rows. Same options as `generate`; every prompt
-        is checked before any is decoded."""
+        is checked before any is decoded. `on_output(index, output)` is called as each prompt finishes (in
+        finishing order), so a caller can keep results that a later crash would otherwise lose."""
         from autojudge.engine.batched import BatchRun
 
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) or not prompts:
@@ -169,7 +182,7 @@ class Engine:
                 raise AutojudgeError(f"prompt {i} of {len(prompts)}: {err}") from None
         with self._exclusive():
             return BatchRun(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed,
-                            judge, threshold).run()
+                            judge, threshold, on_output).run()
 
     def _encode_fitting(self, prompt) -> list[int]:
         prompt_ids = self.encode_prompt(prompt)
@@ -220,6 +233,9 @@ class Engine:
         """Checks the request; returns the judge threshold to decode with (the judge's own default if None)."""
         check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                       has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
+        if judge is not None and (mode == "topk") != isinstance(judge, TopkRule):
+            raise AutojudgeError(f"mode {mode!r} takes {'a TopkRule' if mode == 'topk' else 'a trained judge'} as "
+                                 f"judge, not {type(judge).__name__}")
         return judge.default_threshold if judge is not None and threshold is None else threshold
 
     def _decode_owned(self, prompt, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge, threshold):
@@ -320,18 +336,16 @@ class Engine:
     def _verify(self, cycle: _Cycle, seq_len: int, k: int, offset: int) -> VerifyOutput:
         """One target pass over the last committed token and the k drafted ones, then the fused verify kernel."""
         logits, hidden = self._forward(self.target, seq_len - 1, seq_len + k, 0)
-        judge, features = cycle.judge, None
-        if judge is not None:
+
+        def features():
             target_hidden = hidden[1:].float()[None]
-            features = target_hidden if cycle.draft_hidden is None else (cycle.draft_hidden[:k][None], target_hidden)
+            return target_hidden if cycle.draft_hidden is None else (cycle.draft_hidden[:k][None], target_hidden)
+
         if k not in cycle.verify_outs:
             cycle.verify_outs[k] = VerifyOutput.empty(1, k, self.target.device)
         return self.verify(
             logits[None], self._tokens[seq_len : seq_len + k][None],
-            judge_features=features,
-            judge_weight=None if judge is None else judge.weight,
-            judge_bias=cycle.judge_bias,
-            threshold=cycle.threshold,
+            **lossy_verify_args(cycle.judge, cycle.threshold, features),
             temperature=cycle.sampler.temperature,
             draft_probs=None if cycle.draft_probs is None else cycle.draft_probs[:k][None],
             # The kernel launches after the graph, not inside it, so a host int is a fresh argument every cycle;
@@ -358,14 +372,24 @@ class Engine:
         return drafted[:accepted] + [next_token], rescues
 
 
+def lossy_verify_args(judge, threshold: float | None, features) -> dict:
+    """The verify kernel's arguments for a lossy rule: a trained judge scores `features()` (called only then),
+    the top-k rule reads the logits alone; none for lossless decoding."""
+    if judge is None:
+        return {}
+    if isinstance(judge, TopkRule):
+        return dict(topk=judge.k, topk_alpha=threshold)
+    return dict(judge_features=features(), judge_weight=judge.weight, judge_bias=float(judge.bias),
+                threshold=threshold)
+
+
 class _Cycle:
     """What the steps of a speculative generation share: its settings and the buffers reused every cycle."""
 
     def __init__(self, engine: Engine, prompt_len: int, window: int, sampler: _Sampler, judge, threshold):
         target, draft = engine.target, engine.draft
         self.sampler, self.judge = sampler, judge
-        self.threshold = 0.0 if judge is None else threshold  # the kernel ignores it without a judge
-        self.judge_bias = 0.0 if judge is None else float(judge.bias)
+        self.threshold = threshold
         self.common_vocab = min(draft.config.vocab_size, target.config.vocab_size)
         self.draft_valid = prompt_len  # the draft's cache holds correct keys/values for [0, draft_valid)
         self.draft_end = prompt_len
@@ -448,9 +472,22 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """AMX or AVX512_BF16: there bf16 halves a decode step (bench/RESULTS.md); elsewhere torch emulates bf16
+    matmuls, slower than fp32."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", text) is not None
+
+
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
+    """None: fp32 on CPU (exact), bf16 on CUDA; "auto": the fast one, bf16 also on a CPU with native bf16."""
+    if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:

@@ -6,15 +6,18 @@ file's sha256: the first load takes minutes, every later one seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from autojudge.engine import default_pair
@@ -23,6 +26,9 @@ from autojudge.engine.model import Transformer
 from autojudge.errors import AutojudgeError
 
 GGUF_MAGIC = b"GGUF"
+# Any one of these lets transformers build a Llama/Qwen2 tokenizer; without them it silently builds an empty one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_SIZES = [f.name for f in fields(ModelConfig) if f.type == "int"]
 
 
 @dataclass(frozen=True)
@@ -31,14 +37,46 @@ class Checkpoint:
 
     name: str
     directory: Path
+    weights_sha256: str | None = None  # known without hashing the weights: a GGUF checkpoint's source file digest
 
     @property
     def hf_config(self) -> dict:
-        return json.loads((self.directory / "config.json").read_text())
+        path = self.directory / "config.json"
+        try:
+            hf = json.loads(path.read_bytes())
+        except ValueError as err:
+            raise AutojudgeError(f"{path} is not valid JSON ({err}); restore the checkpoint's config.json") from None
+        if not isinstance(hf, dict):
+            raise AutojudgeError(f"{path} is not a JSON object; restore the checkpoint's config.json")
+        return hf
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_hf(self.hf_config, source=str(self.directory))
+        try:
+            config = ModelConfig.from_hf(self.hf_config, source=str(self.directory))
+        except KeyError as err:
+            raise AutojudgeError(f"{self.directory / 'config.json'} lacks {err.args[0]!r}; restore the checkpoint's "
+                                 "config.json") from None
+        except (TypeError, ValueError) as err:
+            raise AutojudgeError(f"{self.directory / 'config.json'} holds a value of the wrong type ({err}); restore "
+                                 "the checkpoint's config.json") from None
+        bad = next((k for k in _SIZES if not (isinstance(getattr(config, k), int) and getattr(config, k) > 0)), None)
+        if bad is not None:
+            raise AutojudgeError(f"{self.directory / 'config.json'} gives {bad} = {getattr(config, bad)!r}, not a "
+                                 "positive integer; restore the checkpoint's config.json")
+        return config
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(self.directory.glob("*.safetensors"))
+
+    def weights_fingerprint(self) -> str:
+        """sha256 over the weight files: labels mined from a model depend on its exact weights, which the
+        architecture fingerprint does not see."""
+        if self.weights_sha256 is not None:
+            return self.weights_sha256
+        listing = "".join(f"{f.name} {file_sha256(f)}\n" for f in self.weight_files)
+        return hashlib.sha256(listing.encode()).hexdigest()
 
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -57,17 +95,60 @@ def resolve(source: str, role: str) -> Checkpoint:
         return _from_gguf(default_pair.assembled_gguf(spec), name=f"default-{role}", known_sha256=spec.sha256)
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise AutojudgeError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
-        return Checkpoint(name=str(path), directory=path)
+        return _checked(Checkpoint(name=str(path), directory=path))
     if path.is_file():
         return _from_gguf(path, name=str(path))
     if "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
-        return Checkpoint(name=source, directory=_from_hub_cache(source))
+        return _checked(Checkpoint(name=source, directory=_from_hub_cache(source)))
     raise AutojudgeError(
         f"model not found: {source!r} is not a checkpoint directory, a GGUF file, a model in the local "
         f"Hugging Face cache, or 'default'"
     )
+
+
+def _checked(ckpt: Checkpoint) -> Checkpoint:
+    """Fails on what a checkpoint directory lacks before anything loads from it."""
+    path = ckpt.directory
+    if not (path / "config.json").exists():
+        raise AutojudgeError(f"{path} is not a Hugging Face checkpoint: it has no config.json")
+    # Parsed first: the tokenizer reads config.json too, and would blame itself for a damaged one.
+    ckpt.config  # noqa: B018
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise AutojudgeError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+                             "of the model into it")
+    return ckpt
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): hashing gigabytes of weights takes seconds to minutes."""
+    path = path.resolve()
+    st = path.stat()
+    seen = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = default_pair.cache_root() / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        stored = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and {k: stored.get(k) for k in seen} == seen and isinstance(stored.get("sha256"), str):
+        return stored["sha256"]
+    digest = default_pair.sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps({**seen, "sha256": digest}))
+        tmp.replace(memo)
+    except OSError:
+        pass  # the memo only saves time: without a writable cache the next load hashes again
+    return digest
+
+
+def read_safetensors(path: Path, fix: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or damaged one is named with `fix`, not a parser error."""
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as err:
+        raise AutojudgeError(f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; {fix}"
+                             ) from None
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -87,7 +168,7 @@ def _from_gguf(path: Path, name: str, known_sha256: str | None = None) -> Checkp
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise AutojudgeError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf file or a checkpoint directory")
-    digest = known_sha256 or default_pair.sha256_file(path)
+    digest = known_sha256 or file_sha256(path)
     out = default_pair.cache_root() / "converted" / digest[:32]
     if not (out / "model.safetensors").exists():
         # Two processes loading the same new GGUF (parallel mining shards, say) convert it once.
@@ -95,7 +176,7 @@ def _from_gguf(path: Path, name: str, known_sha256: str | None = None) -> Checkp
         with FileLock(f"{out}.lock"):
             if not (out / "model.safetensors").exists():
                 _convert_gguf(path, out)
-    return Checkpoint(name=name, directory=out)
+    return Checkpoint(name=name, directory=out, weights_sha256=digest)
 
 
 def _convert_gguf(path: Path, out: Path):
@@ -133,12 +214,12 @@ def _convert_gguf(path: Path, out: Path):
 
 
 def load_weights(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    files = sorted(ckpt.directory.glob("*.safetensors"))
+    files = ckpt.weight_files
     if not files:
         raise AutojudgeError(f"{ckpt.directory} has no *.safetensors weights; save the model with safe_serialization")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(read_safetensors(file, fix="fetch or convert the checkpoint again"))
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -150,6 +231,14 @@ def load_weights(ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, devi
         raise AutojudgeError(
             f"{ckpt.name}: weights do not match the {config.architecture} architecture "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); is config.json from this checkpoint?"
+        )
+    wrong = [(k, tuple(state[k].shape), tuple(p.shape)) for k, p in model.state_dict().items()
+             if k in state and state[k].shape != p.shape]
+    if wrong:
+        name, got, want = wrong[0]
+        raise AutojudgeError(
+            f"{ckpt.name}: {name} has shape {got} but config.json implies {want} ({len(wrong)} tensors differ); "
+            "is config.json from this checkpoint?"
         )
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
     if config.tie_word_embeddings:

@@ -42,6 +42,23 @@ def check_attention(attention: str, device, dtype: torch.dtype):
     return flash_attn_with_kvcache
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes a new allocation can still get on `device`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory torch's caching allocator holds but no tensor uses is free to torch, not to the driver.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil  # installed with accelerate
+
+    return psutil.virtual_memory().available
+
+
+def cache_bytes(cfg: ModelConfig, max_seq_len: int, batch: int, dtype: torch.dtype) -> int:
+    """What `Transformer.setup_cache` allocates: keys and values of every layer, the RoPE tables, the positions."""
+    per_slot = (2 * cfg.num_layers * batch * cfg.num_kv_heads + 2) * cfg.head_dim * dtype.itemsize + 8
+    return (max_seq_len + 1) * per_slot
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -164,6 +181,7 @@ class Transformer(nn.Module):
         param = self.lm_head.weight
         cfg = self.config
         flash_attn = check_attention(attention, param.device, param.dtype)
+        self._check_memory(max_seq_len, batch)
         slots = max_seq_len + 1
         shape = ((batch, slots, cfg.num_kv_heads, cfg.head_dim) if flash_attn is not None
                  else (batch, cfg.num_kv_heads, slots, cfg.head_dim))
@@ -179,6 +197,22 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
         self.batch = batch
         self.attention = attention
+
+    def _check_memory(self, max_seq_len: int, batch: int):
+        """Refuses a cache that cannot fit, which would otherwise fail deep in the allocator or, on a host that
+        overcommits memory, swap until it is killed."""
+        param = self.lm_head.weight
+        need = cache_bytes(self.config, max_seq_len, batch, param.dtype)
+        # A cache set up before is dropped as the new one replaces it.
+        free = available_memory(param.device) + sum(b.nbytes for b in self.buffers())
+        if need > free:
+            rows = f" x {batch} rows" if batch > 1 else ""
+            fits = free * max_seq_len // need
+            raise AutojudgeError(
+                f"a KV cache of {max_seq_len} tokens{rows} needs {need / 2**30:.1f} GiB ({need} bytes) on "
+                f"{param.device}, but {free / 2**30:.1f} GiB ({free} bytes) is available; lower --max-seq-len "
+                f"(about {fits} tokens{rows} fit)"
+            )
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, logits_from: int | None = 0,
                 rows: slice | None = None):
@@ -197,7 +231,9 @@ class Transformer(nn.Module):
         rows = slice(0, batch) if rows is None else rows
         if positions.dim() == 1:
             positions = positions[None].expand(batch, -1)
-        x = self.model.embed_tokens(tokens)
+        # A draft with fewer rows than its target may be handed an id of the target's padding rows, which a trained
+        # target never emits: it embeds as the last row (the draft only proposes, so output is unchanged).
+        x = self.model.embed_tokens(tokens.clamp(max=self.config.vocab_size - 1))
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
         visible = cache_lens = None

@@ -17,6 +17,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """One result per (mode, threshold), in order of first appearance.
 
     Rates are ratios of sums over the rows (accepted / cycles, tokens / seconds), so long answers weigh more.
+    `tokens_per_second` is single-stream speed, from the rows decoded alone; `batch_tokens_per_second` is what a
+    batched run served, its rows' tokens over their summed wall time (each row holds the time since the previous
+    one finished).
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -29,15 +32,18 @@ def aggregate(rows: list[dict]) -> list[dict]:
         accepted = sum(r["accepted"] for r in group)
         rescues = sum(r["judge_rescues"] for r in group)
         new_tokens = sum(r["new_tokens"] for r in group)
-        decode_s = sum(r["decode_s"] for r in group)
+        alone = [r for r in group if r.get("batch_size", 1) == 1]
+        batched = [r for r in group if r.get("batch_size", 1) > 1]
         results.append({
             "mode": mode, "threshold": threshold, "recall": group[0].get("recall"), "n": n,
             "correct": correct, "accuracy": correct / n,
             "cycles": cycles, "accepted": accepted, "accepted_per_cycle": _ratio(accepted, cycles),
-            "tokens_per_second": _ratio(new_tokens, decode_s),
+            "tokens_per_second": _ratio(sum(r["new_tokens"] for r in alone), sum(r["decode_s"] for r in alone)),
+            "batch_tokens_per_second": _ratio(sum(r["new_tokens"] for r in batched), sum(r["wall_s"] for r in batched)),
+            "batch_size": max((r["batch_size"] for r in batched), default=1),
             "judge_rescues": rescues, "judge_rescues_per_cycle": _ratio(rescues, cycles),
             "new_tokens": new_tokens, "mean_new_tokens": new_tokens / n,
-            "decode_s": decode_s, "wall_s": sum(r["wall_s"] for r in group),
+            "decode_s": sum(r["decode_s"] for r in group), "wall_s": sum(r["wall_s"] for r in group),
         })
     return results
 
@@ -64,14 +70,15 @@ def _label(result: dict) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    header = ("| mode | threshold | recall | n | accuracy | accepted/cycle | tokens/s | rescues/cycle "
-              "| mean new tokens | wall s |")
+    header = ("| mode | threshold | recall | n | accuracy | accepted/cycle | tokens/s | batch tokens/s "
+              "| rescues/cycle | mean new tokens | wall s |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         lines.append(
             f"| {r['mode']} | {_fmt(r['threshold'], '.4g')} | {_fmt(r['recall'], 'g')} | {r['n']} "
             f"| {r['accuracy']:.3f} | {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['tokens_per_second'], '.1f')} "
-            f"| {_fmt(r['judge_rescues_per_cycle'], '.3f')} | {r['mean_new_tokens']:.1f} | {r['wall_s']:.1f} |"
+            f"| {_fmt(r.get('batch_tokens_per_second'), '.1f')} | {_fmt(r['judge_rescues_per_cycle'], '.3f')} "
+            f"| {r['mean_new_tokens']:.1f} | {r['wall_s']:.1f} |"
         )
     return "\n".join(lines)
 

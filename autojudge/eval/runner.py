@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autojudge.engine.request import JUDGE_MODES, MODES, check_request, check_threshold
+from autojudge.engine.request import (
+    DEFAULT_TOPK_ALPHA,
+    JUDGE_MODES,
+    LOSSY_MODES,
+    MODES,
+    TopkRule,
+    check_request,
+    check_threshold,
+)
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import load_judge_for_engine
 from autojudge.progress import progress
@@ -21,7 +29,14 @@ from autojudge.tasks.prompts import build_messages
 
 CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
 # Rows made under a different value of any of these measure something else; resuming would mix them.
-RESUME_KEYS = ("dataset", "split", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device")
+RESUME_KEYS = ("dataset", "split", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device",
+               "batch_size", "single_stream", "topk")
+# What a rows file written before a key existed was made with.
+_BEFORE_KEY = {"batch_size": 1, "single_stream": 0}
+
+
+def _setting(config: dict, key: str):
+    return config.get(key, _BEFORE_KEY.get(key))
 
 
 @dataclass(frozen=True)
@@ -39,32 +54,37 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
-def parse_thresholds(text: str | None) -> list[float] | None:
+def parse_thresholds(text: str | None, option: str = "--thresholds") -> list[float] | None:
     if text is None:
         return None
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise AutojudgeError(f"--thresholds {text!r}: expected comma-separated numbers such as 0.1,0.3") from err
+    except ValueError:
+        values = []
     if not values:
-        raise AutojudgeError(f"--thresholds {text!r}: expected comma-separated numbers such as 0.1,0.3")
-    return sorted({check_threshold(v) for v in values})
+        raise AutojudgeError(f"{option} {text!r}: expected comma-separated numbers such as 0.1,0.3")
+    return sorted({check_threshold(v, option) for v in values})
 
 
 def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, window: int,
-             max_new_tokens: int) -> None:
+             max_new_tokens: int, alphas: list[float] | None = None) -> None:
     """Refuse inconsistent options before any model is loaded."""
     judged = [m for m in modes if m in JUDGE_MODES]
     if thresholds is not None and not judged:
         raise AutojudgeError("--thresholds apply to modes autojudge and judge; add one to --modes or drop them")
     if has_judge and not judged:
         raise AutojudgeError("--judge applies to modes autojudge and judge; add one to --modes or drop --judge")
+    if alphas is not None and "topk" not in modes:
+        raise AutojudgeError("--alphas apply to mode topk; add it to --modes or drop them")
     for mode in modes:
-        check_request(mode, window=window, max_new_tokens=max_new_tokens, has_judge=has_judge and mode in judged)
+        check_request(mode, window=window, max_new_tokens=max_new_tokens,
+                      has_judge=mode == "topk" or (has_judge and mode in judged))
 
 
-def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None) -> list[Run]:
-    """Target/speculative once each; judge modes once per threshold (default: the judge's recall-based ones).
+def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None, alphas: list[float] | None = None
+              ) -> list[Run]:
+    """Target/speculative once each; judge modes once per threshold (default: the judge's recall-based ones);
+    mode topk once per alpha, held in the run's threshold.
 
     `judge` is needed only to sweep its stored thresholds; `validate` has checked it is there when modes need it.
     """
@@ -75,8 +95,18 @@ def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None) -> l
         sweep = sorted({float(tau): float(recall) for recall, tau in levels}.items())
     runs = []
     for mode in modes:
-        runs += [Run(mode, tau, recall) for tau, recall in sweep] if mode in JUDGE_MODES else [Run(mode)]
+        if mode in JUDGE_MODES:
+            runs += [Run(mode, tau, recall) for tau, recall in sweep]
+        elif mode == "topk":
+            runs += [Run(mode, alpha) for alpha in alphas or (DEFAULT_TOPK_ALPHA,)]
+        else:
+            runs.append(Run(mode))
     return runs
+
+
+def judges_by_mode(judge, topk: int) -> dict:
+    """What stands in for a judge in each lossy mode: the trained one, or the top-k rule (alpha comes per run)."""
+    return {**dict.fromkeys(JUDGE_MODES, judge), "topk": TopkRule(k=topk)}
 
 
 def load_eval_judge(path: str, engine, modes: list[str]):
@@ -110,7 +140,7 @@ class RowLog:
             header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
         except (json.JSONDecodeError, IndexError) as err:
             raise AutojudgeError(f"{self.path} is not an eval rows file; delete it or drop --resume") from err
-        changed = [k for k in RESUME_KEYS if header.get(k) != config.get(k)]
+        changed = [k for k in RESUME_KEYS if _setting(header, k) != _setting(config, k)]
         if header.get("kind") != "config" or changed:
             raise AutojudgeError(
                 f"{self.path} holds rows made with different {', '.join(changed) or 'settings'}; "
@@ -127,12 +157,7 @@ class RowLog:
         self.done[row_key(row["mode"], row["threshold"], row["problem_id"])] = row
 
 
-def evaluate_one(engine, problem, run: Run, judge, window: int, max_new_tokens: int, checkers=CHECKERS) -> dict:
-    t0 = time.perf_counter()
-    out = engine.generate(
-        build_messages(problem), max_new_tokens=max_new_tokens, mode=run.mode, window=window,
-        judge=judge if run.mode in JUDGE_MODES else None, threshold=run.threshold,
-    )
+def _row(problem, run: Run, out, wall_s: float, batch_size: int, checkers) -> dict:
     outcome = checkers[problem.task](problem, out.text)
     stats = out.stats
     return {
@@ -141,24 +166,64 @@ def evaluate_one(engine, problem, run: Run, judge, window: int, max_new_tokens: 
         "new_tokens": stats.new_tokens, "cycles": stats.cycles,
         "accepted": sum(int(a) * c for a, c in stats.histogram.items()),
         "judge_rescues": stats.judge_rescues, "decode_s": stats.total_s,
-        "wall_s": time.perf_counter() - t0, "finish_reason": stats.finish_reason, "text": out.text,
+        "wall_s": wall_s, "batch_size": batch_size, "finish_reason": stats.finish_reason, "text": out.text,
     }
 
 
+def _decode_kwargs(run: Run, judges: dict, window: int, max_new_tokens: int) -> dict:
+    return dict(max_new_tokens=max_new_tokens, mode=run.mode, window=window,
+                judge=judges.get(run.mode) if run.mode in LOSSY_MODES else None, threshold=run.threshold)
+
+
+def evaluate_one(engine, problem, run: Run, judges: dict, window: int, max_new_tokens: int,
+                 checkers=CHECKERS) -> dict:
+    t0 = time.perf_counter()
+    out = engine.generate(build_messages(problem), **_decode_kwargs(run, judges, window, max_new_tokens))
+    return _row(problem, run, out, time.perf_counter() - t0, 1, checkers)
+
+
+def evaluate_batched(engine, problems, run: Run, log: RowLog, bar, *, judges: dict, window: int,
+                     max_new_tokens: int, batch_size: int, checkers=CHECKERS) -> None:
+    """Decodes `problems` for one run in batches of `batch_size`, appending each row the moment it finishes.
+
+    A row's `wall_s` is the time since the previous row of the batch finished, so the rows of a run add up to
+    its wall time and `new_tokens / wall_s` summed over them is the batch throughput.
+    """
+    last = time.perf_counter()
+
+    def keep(index: int, out) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        log.append(_row(problems[index], run, out, now - last, batch_size, checkers))
+        last = now
+        bar.update()
+
+    engine.generate_batch([build_messages(p) for p in problems], max_batch=batch_size, on_output=keep,
+                          **_decode_kwargs(run, judges, window, max_new_tokens))
+
+
 def evaluate(engine, problems, runs: list[Run], log: RowLog, *, window: int, max_new_tokens: int,
-             judge=None, checkers=CHECKERS) -> list[dict]:
-    """Rows for every (run, problem), reusing those already in `log` and appending the new ones."""
-    todo = [(run, p) for run in runs for p in problems]
-    keys = [row_key(run.mode, run.threshold, p.problem_id) for run, p in todo]
-    already = sum(k in log.done for k in keys)
-    rows, shown = [], None
-    with progress(total=len(todo), initial=already, desc="eval", unit="gen") as bar:
-        for (run, problem), key in zip(todo, keys):
-            if key not in log.done:
-                if run != shown:
-                    bar.set_postfix_str(run.mode if run.threshold is None else f"{run.mode} tau={run.threshold:.4g}")
-                    shown = run
-                log.append(evaluate_one(engine, problem, run, judge, window, max_new_tokens, checkers))
+             judges: dict | None = None, checkers=CHECKERS, batch_size: int = 1, single_stream: int = 0) -> list[dict]:
+    """Rows for every (run, problem), reusing those already in `log` and appending the new ones. `judges`: what
+    each lossy mode decodes with (`judges_by_mode`).
+
+    With batch_size > 1 the first `single_stream` problems of each run are still decoded alone: their tokens/s
+    is what one user waits for, the batched rows' is what the machine serves.
+    """
+    keys = {(run, p.problem_id): row_key(run.mode, run.threshold, p.problem_id) for run in runs for p in problems}
+    already = sum(k in log.done for k in keys.values())
+    with progress(total=len(keys), initial=already, desc="eval", unit="gen") as bar:
+        for run in runs:
+            todo = [(i, p) for i, p in enumerate(problems) if keys[run, p.problem_id] not in log.done]
+            if not todo:
+                continue
+            bar.set_postfix_str(run.mode if run.threshold is None else f"{run.mode} tau={run.threshold:.4g}")
+            alone = [p for i, p in todo if batch_size == 1 or i < single_stream]
+            together = [p for i, p in todo if not (batch_size == 1 or i < single_stream)]
+            for problem in alone:
+                log.append(evaluate_one(engine, problem, run, judges or {}, window, max_new_tokens, checkers))
                 bar.update()
-            rows.append(log.done[key])
-    return rows
+            if together:
+                evaluate_batched(engine, together, run, log, bar, judges=judges or {}, window=window,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, checkers=checkers)
+    return [log.done[keys[run, p.problem_id]] for run in runs for p in problems]

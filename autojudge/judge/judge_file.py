@@ -18,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from autojudge.engine.loading import read_safetensors
 from autojudge.engine.request import JUDGE_MODES, check_threshold
 from autojudge.errors import AutojudgeError
 from autojudge.judge.features import BLOCKS
@@ -27,6 +28,7 @@ from autojudge.judge.train import TrainResult
 
 FORMAT = "autojudge-judge"
 VERSION = 1
+RESTORE = "restore the judge or retrain it with `autojudge train`"
 
 
 def judge_paths(path: str | Path) -> tuple[Path, Path]:
@@ -156,22 +158,76 @@ def _check_model(meta: dict, block: str, dec, path: Path) -> None:
         )
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_level(key: str) -> bool:
+    try:
+        return 0.0 <= float(key) <= 1.0
+    except ValueError:
+        return False
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What makes the metadata of a current-format judge unusable, or None; load_judge reads only these fields."""
+    missing = [k for k in ("kind", "setup", "hidden_sizes", "fingerprints", "models", "thresholds") if k not in meta]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if meta["kind"] not in KIND_FOR_MODE.values():
+        return f"kind {meta['kind']!r} is not one of {', '.join(KIND_FOR_MODE.values())}"
+    if not isinstance(meta["setup"], str) or meta["setup"] not in BLOCKS:
+        return f"setup {meta['setup']!r} is not one of {', '.join(BLOCKS)}"
+    not_objects = [k for k in ("hidden_sizes", "fingerprints", "models", "thresholds") if not isinstance(meta[k], dict)]
+    if not_objects:
+        return f"{', '.join(not_objects)} must be JSON objects"
+    for block in BLOCKS[meta["setup"]]:
+        size = meta["hidden_sizes"].get(block)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            return f"hidden_sizes.{block} is {size!r}, not a positive integer"
+        if not isinstance(meta["fingerprints"].get(block), str):
+            return f"fingerprints.{block} is {meta['fingerprints'].get(block)!r}, not a string"
+    recall = meta["thresholds"].get("recall")
+    if not isinstance(recall, dict) or not all(_is_level(k) and _number(v) for k, v in recall.items()):
+        return "thresholds.recall is not an object of recall levels to thresholds"
+    default = meta.get("default_threshold")
+    if default is not None and not (isinstance(default, dict) and _number(default.get("value"))):
+        return f"default_threshold is {default!r}, not an object with a numeric value"
+    return None
+
+
+def _read_meta(json_path: Path) -> dict:
+    raw = json_path.read_bytes()
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:  # UnicodeDecodeError included
+        problem = "it is empty" if not raw.strip() else f"it is not JSON ({err})"
+        raise AutojudgeError(f"judge metadata {json_path} is damaged: {problem}; {RESTORE}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise AutojudgeError(
+            f"{json_path} is not a version-{VERSION} autojudge judge file; retrain with `autojudge train`"
+        )
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise AutojudgeError(f"judge metadata {json_path} is damaged: {problem}; {RESTORE}")
+    return meta
+
+
 def load_judge(path: str | Path, target, draft=None) -> Judge:
     """Load a judge and refuse it unless it was trained for these target (and, for DD-DT, draft) models."""
     st_path, json_path = judge_paths(path)
     for p in (st_path, json_path):
         if not p.is_file():
             raise AutojudgeError(f"judge file {p} not found; a judge is a .safetensors + .json pair")
-    meta = json.loads(json_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise AutojudgeError(
-            f"{json_path} is not a version-{VERSION} autojudge judge file; retrain with `autojudge train`"
-        )
+    meta = _read_meta(json_path)
     setup = meta["setup"]
     for block in BLOCKS[setup]:
         _check_model(meta, block, target if block == "target" else draft, json_path)
     # On the target's device: the verify step reads the weight there every cycle.
-    tensors = load_file(str(st_path), device=str(target.device))
+    tensors = read_safetensors(st_path, fix=RESTORE, device=str(target.device))
+    missing = [k for k in ("weight", "bias") if k not in tensors]
+    if missing:
+        raise AutojudgeError(f"{st_path} holds no {' or '.join(missing)} tensor; {RESTORE}")
     weight, bias = tensors["weight"].to(torch.float32), tensors["bias"].to(torch.float32).cpu()
     expected = sum(meta["hidden_sizes"][b] for b in BLOCKS[setup])
     if weight.shape != (expected,) or bias.shape != (1,):

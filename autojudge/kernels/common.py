@@ -17,6 +17,13 @@ target's own verdict; ``judge_ok`` the judge's:
   Tokens with ``w_v == 0`` score 0 whatever their noise, so a zero-probability token can only
   win when every ``w_v`` is 0 (then the lowest index, 0, is emitted).
 * judge: ``judge_prob_i = sigmoid(f_i . w + b)``, ``judge_ok_i = judge_prob_i < threshold``.
+* top-k rule (``topk`` > 0, a training-free lossy baseline in place of the judge): on row i's raw
+  logits L_i (temperature 1 even when sampling, NaN -> -inf, +inf kept),
+  ``rank_i = #{v : L_i[v] > L_i[d_i]}`` (ties share the better rank), ``judge_prob_i =
+  exp(L_i[d_i] - max L_i)`` (1 when L_i[d_i] is the max, +inf included; 0 when d_i is out of
+  vocabulary or L_i[d_i] is -inf/NaN) and ``judge_ok_i = rank_i < topk and
+  L_i[d_i] - max L_i >= log(topk_alpha)``, the difference compared in fp32 (``topk_alpha`` 0:
+  no probability condition), never for an out-of-vocabulary or -inf/NaN draft.
 * ``ok_i = target_ok_i | judge_ok_i``; ``num_accepted`` = index of the first not-ok position
   (K if none); ``next_token`` = the greedy argmax / sampled token of row ``num_accepted``.
   Positions accepted only by the judge keep the drafted token: the caller emits
@@ -40,6 +47,8 @@ correct samplers but they do not produce the same numbers.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +97,8 @@ class VerifyInputs:
     noise: torch.Tensor | None
     seed: int | None
     offset: int | torch.Tensor
+    topk: int
+    topk_alpha: float
     out: VerifyOutput
 
     @property
@@ -105,6 +116,10 @@ class VerifyInputs:
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def topk_log_alpha(self) -> float:
+        return math.log(self.topk_alpha) if self.topk_alpha > 0 else float("-inf")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -139,6 +154,8 @@ def prepare_inputs(
     noise,
     seed,
     offset,
+    topk,
+    topk_alpha,
     out,
 ) -> VerifyInputs:
     if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
@@ -209,6 +226,14 @@ def prepare_inputs(
             raise ValueError(f"judge_weight must be float32, got {judge_weight.dtype}")
         judge_weight = judge_weight.contiguous()
 
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 0:
+        raise ValueError(f"topk must be an int >= 0, got {topk!r}")
+    topk_alpha = float(topk_alpha)
+    if not 0 <= topk_alpha <= 1:
+        raise ValueError(f"topk_alpha must be in [0, 1], got {topk_alpha}")
+    if topk and features:
+        raise ValueError("topk > 0 replaces the judge: pass judge_features or topk, not both")
+
     if out is None:
         out = VerifyOutput.empty(batch, k, device)
     else:
@@ -238,5 +263,7 @@ def prepare_inputs(
         noise=noise,
         seed=None if seed is None else int(seed),
         offset=offset,
+        topk=int(topk),
+        topk_alpha=topk_alpha,
         out=out,
     )

@@ -14,10 +14,15 @@ from autojudge.kernels.common import VerifyInputs, VerifyOutput, prepare_inputs
 FP32_MAX = torch.finfo(torch.float32).max
 
 
+def sanitised(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 with NaN -> -inf (+inf kept): what argmax and the top-k rule see."""
+    x = logits.float()
+    return torch.where(torch.isnan(x), float("-inf"), x)
+
+
 def sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(L / T) in fp32 under the NaN -> -inf, +inf -> FP32_MAX policy; all-masked rows -> 0."""
-    x = logits.float() / temperature
-    x = torch.where(torch.isnan(x), float("-inf"), x).clamp(max=FP32_MAX)
+    x = (sanitised(logits) / temperature).clamp(max=FP32_MAX)
     m = x.amax(-1, keepdim=True)
     e = torch.where(x > float("-inf"), torch.exp(x - m), 0.0)
     s = e.sum(-1, keepdim=True)
@@ -44,6 +49,24 @@ def _judge_probs(inp: VerifyInputs) -> torch.Tensor:
     return torch.sigmoid(z)
 
 
+def _topk_rule(
+    inp: VerifyInputs, in_vocab: torch.Tensor, safe_draft: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(judge_prob, judge_ok) of the top-k rule: the probability ratio to the top token and the verdict."""
+    x = sanitised(inp.logits[:, : inp.k])
+    x_d = x.gather(-1, safe_draft).squeeze(-1)
+    top = x.amax(-1)
+    rank = (x > x_d.unsqueeze(-1)).sum(-1)
+    valid = in_vocab & (x_d > float("-inf"))
+    # As in the kernel: a tie with the max is ratio 1 even at +inf, and no inf - inf is computed.
+    below = valid & (x_d != top)
+    diff = torch.where(below, x_d, 0.0) - torch.where(below, top, 0.0)
+    # A 0-dim fp32 tensor: log(alpha) rounded to fp32 as the kernel receives it, not compared in fp64.
+    log_alpha = torch.tensor(inp.topk_log_alpha, dtype=torch.float32)
+    ok = valid & (rank < inp.topk) & (diff >= log_alpha)
+    return torch.where(valid, torch.exp(diff), 0.0), ok
+
+
 def verify_reference(
     target_logits,
     draft_tokens,
@@ -58,13 +81,15 @@ def verify_reference(
     noise=None,
     seed=None,
     offset=0,
+    topk: int = 0,
+    topk_alpha: float = 0.0,
     out: VerifyOutput | None = None,
 ) -> VerifyOutput:
     """Eager verify step; same signature and results as ``autojudge.kernels.verify``."""
     inp = prepare_inputs(
         target_logits, draft_tokens, judge_features=judge_features, judge_weight=judge_weight,
         judge_bias=judge_bias, threshold=threshold, temperature=temperature, draft_probs=draft_probs,
-        uniforms=uniforms, noise=noise, seed=seed, offset=offset, out=out,
+        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha, out=out,
     )
     b, k, v = inp.batch, inp.k, inp.vocab
     device = inp.logits.device
@@ -84,11 +109,12 @@ def verify_reference(
         q_d = q.gather(-1, safe_draft).squeeze(-1)
         target_ok = in_vocab & (u * q_d <= p_d)
     else:
-        x = inp.logits.float()
-        greedy = torch.where(torch.isnan(x), float("-inf"), x).argmax(-1)
+        greedy = sanitised(inp.logits).argmax(-1)
         target_ok = greedy[:, :k] == draft
 
-    if inp.features:
+    if inp.topk:
+        judge_prob, judge_ok = _topk_rule(inp, in_vocab, safe_draft)
+    elif inp.features:
         judge_prob = _judge_probs(inp)
         judge_ok = judge_prob < inp.threshold
     else:

@@ -1,9 +1,10 @@
 """Fused verify step: one Triton launch, no host sync (semantics in ``autojudge.kernels.common``).
 
 Grid ``(S, K+1, B)``: program (s, r, b) reduces vocabulary split s of logits row r of sequence b
-(blocked online max/argmax, plus the running softmax denominator when sampling) into one
-partial, and split 0 of each drafted row also does the judge dot product over the D blocks of
-each feature tensor. Splitting V keeps a B=1 step from running on only K+1 SMs. Each program then
+(blocked online max/argmax, plus the running softmax denominator when sampling, plus for the
+top-k rule the count of logits above the drafted token's and the raw max) into one partial, and
+split 0 of each drafted row also does the judge dot product over the D blocks of each feature
+tensor. Splitting V keeps a B=1 step from running on only K+1 SMs. Each program then
 takes a ticket from a per-sequence atomic counter; the last of the (K+1)*S programs of sequence b
 combines the partials, runs the accept scan, draws the next token (one extra pass over a single
 row, only when sampling) and resets the counter, so a reused workspace is ready for the next
@@ -35,12 +36,15 @@ INTERPRET_HINT = "Triton kernels on CPU need TRITON_INTERPRET=1 set before autoj
 @triton.jit
 def _load_row_x(row_ptr, idx, mask, temperature, SAMPLING: tl.constexpr):
     x = tl.load(row_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
-    if SAMPLING:
-        x = x / temperature
     x = tl.where(x != x, float("-inf"), x)  # noqa: PLR0124 (only NaN differs from itself)
     if SAMPLING:
-        x = tl.minimum(x, FP32_MAX)
+        x = _temper(x, temperature)
     return x
+
+
+@triton.jit
+def _temper(x, temperature):
+    return tl.minimum(x / temperature, FP32_MAX)
 
 
 @triton.jit
@@ -55,7 +59,7 @@ def _uniform(seed, offset, c0, c1):
 
 # Specialising on value would recompile whenever a seed, K or V happens to equal 1.
 @triton.jit(do_not_specialize=["seed", "offset_val", "judge_bias", "threshold", "temperature", "D1", "D2", "K", "V",
-                               "split_len", "S"])
+                               "split_len", "S", "topk", "log_alpha"])
 def _verify_kernel(
     logits_ptr, stride_lb, stride_lr,
     draft_ptr, stride_db, stride_dk,
@@ -64,13 +68,13 @@ def _verify_kernel(
     noise_ptr, stride_nb, stride_nr,
     f1_ptr, stride_f1b, stride_f1k, D1,
     f2_ptr, stride_f2b, stride_f2k, D2,
-    w_ptr, judge_bias, threshold, temperature,
+    w_ptr, judge_bias, threshold, temperature, topk, log_alpha,
     seed, offset_val, offset_ptr,
-    part_max_ptr, part_idx_ptr, part_sum_ptr, counter_ptr,
+    part_max_ptr, part_idx_ptr, part_sum_ptr, part_cnt_ptr, part_top_ptr, counter_ptr,
     num_acc_ptr, next_tok_ptr, target_ok_ptr, judge_ok_ptr, judge_prob_ptr,
     K, V, split_len, S,
     S_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr,
+    SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr, TOPK: tl.constexpr,
     SEEDED: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -85,9 +89,24 @@ def _verify_kernel(
     best = float("-inf")
     best_idx = 0
     denom = 0.0
+    above = 0
+    raw_max = float("-inf")
+    if TOPK:
+        # The bonus row and out-of-vocabulary drafts count against -inf: phase 2 ignores those rows.
+        d_own = tl.load(draft_ptr + b * stride_db + r * stride_dk, mask=r < K, other=-1).to(tl.int64)
+        own_ok = (d_own >= 0) & (d_own < V)
+        x_own = _load_row_x(row_ptr, tl.where(own_ok, d_own, 0), own_ok, temperature, False)
     for v0 in range(start, end, BLOCK_V):
         idx = v0 + offs
-        x = _load_row_x(row_ptr, idx, idx < end, temperature, SAMPLING)
+        raw = _load_row_x(row_ptr, idx, idx < end, temperature, False)
+        if SAMPLING:
+            x = _temper(raw, temperature)
+        else:
+            x = raw
+        if TOPK:
+            above += tl.sum((raw > x_own).to(tl.int32), 0)  # strict: ties share the better rank
+            if SAMPLING:  # greedy's best already is the raw max
+                raw_max = tl.maximum(raw_max, tl.max(raw, 0))
         if SAMPLING:
             new_best = tl.maximum(best, tl.max(x, 0))
             # Online softmax denominator; the where()s keep all -inf rows at 0 instead of NaN.
@@ -106,6 +125,10 @@ def _verify_kernel(
         tl.store(part_sum_ptr + part, denom)
     else:
         tl.store(part_idx_ptr + part, best_idx)
+    if TOPK:
+        tl.store(part_cnt_ptr + part, above)
+        if SAMPLING:
+            tl.store(part_top_ptr + part, raw_max)
 
     if HAS_JUDGE and (s == 0) & (r < K):
         offs_d = tl.arange(0, BLOCK_D)
@@ -150,13 +173,14 @@ def _verify_kernel(
     d = tl.load(draft_ptr + b * stride_db + offs_r * stride_dk, mask=is_draft, other=-1).to(tl.int64)
     in_vocab = (d >= 0) & (d < V)
     d_safe = tl.where(in_vocab, d, 0)
+    x_d_raw = _load_row_x(logits_ptr + b * stride_lb + offs_r * stride_lr, d_safe, is_draft, temperature, False)
     if SAMPLING:
         # Rows with no finite logit (padding rows too) have max -inf and sum 0: the safe max and
         # divisor give the same sums and p_d, without computing -inf - -inf or 0 / 0 on the way.
         row_max_safe = tl.where(row_max > float("-inf"), row_max, 0.0)
         psum = tl.load(part_sum_ptr + parts, mask=tile_mask, other=0.0, cache_modifier=".cg")
         row_sum = tl.sum(tl.where(pmax > float("-inf"), psum * tl.exp(pmax - row_max_safe[:, None]), 0.0), 1)
-        x_d = _load_row_x(logits_ptr + b * stride_lb + offs_r * stride_lr, d_safe, is_draft, temperature, True)
+        x_d = _temper(x_d_raw, temperature)
         has_mass = row_sum > 0
         p_d = tl.where(has_mass, tl.exp(x_d - row_max_safe) / tl.where(has_mass, row_sum, 1.0), 0.0)
         q_d = tl.load(q_ptr + b * stride_qb + offs_r * stride_qk + d_safe, mask=is_draft, other=0.0).to(tl.float32)
@@ -171,7 +195,21 @@ def _verify_kernel(
         # lowest-index argmax.
         row_tok = tl.min(tl.where(pmax == row_max[:, None], pidx, V), 1)
         target_ok = row_tok == d
-    if HAS_JUDGE:
+    if TOPK:
+        rank = tl.sum(tl.load(part_cnt_ptr + parts, mask=tile_mask, other=0, cache_modifier=".cg"), 1)
+        if SAMPLING:
+            ptop = tl.load(part_top_ptr + parts, mask=tile_mask, other=float("-inf"), cache_modifier=".cg")
+            row_top = tl.max(ptop, 1)
+        else:
+            row_top = row_max
+        valid = in_vocab & (x_d_raw > float("-inf"))
+        # Only a finite logit below the max is subtracted: a tie is ratio 1 even at +inf, and no
+        # inf - inf (or -inf - -inf on padding rows) makes a NaN.
+        below = valid & (x_d_raw != row_top)
+        diff = tl.where(below, x_d_raw, 0.0) - tl.where(below, row_top, 0.0)
+        judge_ok = valid & (rank < topk) & (diff >= log_alpha)
+        tl.store(judge_prob_ptr + b * K + offs_r, tl.where(valid, tl.exp(diff), 0.0), mask=is_draft)
+    elif HAS_JUDGE:
         jp = tl.load(judge_prob_ptr + b * K + offs_r, mask=is_draft, other=1.0, cache_modifier=".cg")
         judge_ok = jp < threshold
     else:
@@ -224,6 +262,8 @@ class _Workspace:
     part_max: torch.Tensor
     part_idx: torch.Tensor
     part_sum: torch.Tensor
+    part_cnt: torch.Tensor
+    part_top: torch.Tensor
     counter: torch.Tensor
 
 
@@ -266,6 +306,8 @@ def _workspace(out: VerifyOutput, batch: int, k: int, splits: int, device: torch
             part_max=torch.empty(shape, dtype=torch.float32, device=device),
             part_idx=torch.empty(shape, dtype=torch.int32, device=device),
             part_sum=torch.empty(shape, dtype=torch.float32, device=device),
+            part_cnt=torch.empty(shape, dtype=torch.int32, device=device),
+            part_top=torch.empty(shape, dtype=torch.float32, device=device),
             counter=torch.zeros(batch, dtype=torch.int32, device=device),
         )
         out.workspace = ws
@@ -295,16 +337,18 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         f1, f1.stride(0), f1.stride(1), f1.shape[2] if inp.features else 0,
         f2, f2.stride(0), f2.stride(1), f2.shape[2] if len(inp.features) > 1 else 0,
         w, inp.judge_bias, inp.threshold, inp.temperature if inp.sampling else 1.0,
+        # A rank is below V, so a larger topk is V: one int32 signature for every topk.
+        min(inp.topk, v), inp.topk_log_alpha,
         inp.seed or 0, 0 if offset_is_tensor else int(inp.offset),
         inp.offset if offset_is_tensor else ws.counter,
-        ws.part_max, ws.part_idx, ws.part_sum, ws.counter,
+        ws.part_max, ws.part_idx, ws.part_sum, ws.part_cnt, ws.part_top, ws.counter,
         out.num_accepted, out.next_token, out.target_ok.view(torch.int8), out.judge_ok.view(torch.int8),
         out.judge_prob,
         k, v, cfg.split_len, cfg.splits,
         # R_PAD sizes phase 2's row tile: one compile per power of two of K+1, not one per K.
         S_PAD=triton.next_power_of_2(cfg.splits), R_PAD=triton.next_power_of_2(k + 1),
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        SAMPLING=inp.sampling, HAS_JUDGE=bool(inp.features), HAS_F2=len(inp.features) > 1,
+        SAMPLING=inp.sampling, HAS_JUDGE=bool(inp.features), HAS_F2=len(inp.features) > 1, TOPK=inp.topk > 0,
         SEEDED=seeded, OFFSET_FROM_PTR=offset_is_tensor,
         num_warps=cfg.num_warps,
     )
@@ -325,6 +369,8 @@ def verify(
     noise=None,
     seed=None,
     offset=0,
+    topk: int = 0,
+    topk_alpha: float = 0.0,
     out: VerifyOutput | None = None,
 ) -> VerifyOutput:
     """Fused verify step (one Triton launch, no host sync); semantics in ``autojudge.kernels.common``.
@@ -333,13 +379,15 @@ def verify(
     draft_tokens [B, K] int; judge_features a [B, K, D] tensor or a tuple of two [B, K, Di]
     tensors read as concatenated along D, with judge_weight [sum Di] fp32. When sampling,
     ``offset`` may be a one-element int64 device tensor that the caller advances in place, so a
-    CUDA graph replay draws fresh randomness. Pass ``out`` (e.g. ``VerifyOutput.empty``) to reuse
-    buffers and scratch across cycles: then the step is exactly one launch with no allocation.
+    CUDA graph replay draws fresh randomness. ``topk`` > 0 (with ``topk_alpha``) replaces the
+    judge by the top-k rule in ``judge_ok`` / ``judge_prob``. Pass ``out`` (e.g.
+    ``VerifyOutput.empty``) to reuse buffers and scratch across cycles: then the step is exactly
+    one launch with no allocation.
     """
     inp = prepare_inputs(
         target_logits, draft_tokens, judge_features=judge_features, judge_weight=judge_weight,
         judge_bias=judge_bias, threshold=threshold, temperature=temperature, draft_probs=draft_probs,
-        uniforms=uniforms, noise=noise, seed=seed, offset=offset, out=out,
+        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha, out=out,
     )
     device = inp.logits.device
     if device.type == "cpu" and not interpreted():

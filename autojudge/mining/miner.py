@@ -9,11 +9,16 @@ the token budget cuts off has no final answer to keep or change, so by default i
 Continuations dominate the cost. Two exact tricks, both switchable: lossless speculative decoding, and
 the previous continuation as a free draft (after a swap the old text often still fits, at once or after
 a few tokens), verified by teacher-forced target passes over pieces that grow while they fit.
+
+The search is written once, as generators that yield the model calls they need (`Predict`, `Generate`) and
+receive the answers: `Miner.mine` serves them one at a time, `mining.batched` serves the calls of many problems
+in shared forward passes. Both give the same labels.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 
 from autojudge.engine.request import DEFAULT_WINDOW
@@ -58,6 +63,47 @@ class Cost:
     continuation_s: float = 0.0
     checker_s: float = 0.0
 
+    def count_forward(self, model: str, positions: int) -> None:
+        if model == "target":
+            self.target_forwards += 1
+            self.target_positions += positions
+        else:
+            self.draft_forwards += 1
+            self.draft_positions += positions
+
+
+@dataclass(frozen=True)
+class Predict:
+    """The greedy next token after ids[: t + 1] for each t in [start, len(ids)), from model "target" or "draft"
+    (the draft's restricted to the vocabulary both share)."""
+
+    model: str
+    ids: list[int]
+    start: int
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Up to n greedy target tokens after `context`, ending after an EOS token or at the cache end."""
+
+    context: list[int]
+    n: int
+
+
+# A generator of the search: yields Predict/Generate, is sent each answer, returns its result.
+Steps = Generator[Predict | Generate, list[int], object]
+
+
+def run_steps(steps: Steps, serve):
+    """Drives `steps` to its end, answering each request with serve(request)."""
+    answer = None
+    while True:
+        try:
+            request = steps.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        answer = serve(request)
+
 
 @dataclass
 class ProblemResult:
@@ -77,6 +123,9 @@ class Miner:
     # ------------------------------------------------------------------ continuations
 
     def continuation(self, prefix: list[int], budget: int, hint: list[int], cost: Cost) -> list[int]:
+        return run_steps(self.continuation_steps(prefix, budget, hint, cost), lambda r: self.serve(r, cost))
+
+    def continuation_steps(self, prefix: list[int], budget: int, hint: list[int], cost: Cost) -> Steps:
         """The target's greedy continuation of `prefix` (at most `budget` tokens, up to EOS).
 
         `hint` is a guess at it (the continuation before the last swap); when reuse is on, its
@@ -94,7 +143,7 @@ class Miner:
                 start = cursor if follow else self._rejoin(hint, prefix + out, cursor)
             if start is not None and start < len(hint):
                 piece = hint[start : start + min(proposal, budget - len(out))]
-                accepted, new = self._verify(prefix + out, piece, cost)
+                accepted, new = yield from self._verify(prefix + out, piece, cost)
                 whole = accepted == len(piece)
                 proposal = proposal * 2 if whole else _FIRST_PROPOSAL
                 cursor = start + accepted
@@ -107,7 +156,7 @@ class Miner:
                     chunk = _FIRST_CHUNK
             else:
                 follow = False
-                new = self._generate(prefix + out, min(chunk, budget - len(out)), cost)
+                new = yield from self._generate(prefix + out, min(chunk, budget - len(out)), cost)
                 propose, chunk = bool(hint), chunk * 2
                 if not new:
                     break
@@ -135,19 +184,37 @@ class Miner:
                     return j
         return None
 
-    def _verify(self, context: list[int], proposal: list[int], cost: Cost) -> tuple[int, list[int]]:
+    def _verify(self, context: list[int], proposal: list[int], cost: Cost):
         """One teacher-forced target pass over context + proposal: (tokens kept, kept + the target's next)."""
         proposal = proposal[: self.max_seq_len - len(context) - 1]
-        logits, _ = self.engine.target.teacher_forced(context + proposal, start=len(context) - 1)
-        greedy = logits.argmax(-1).tolist()
+        greedy = yield Predict("target", context + proposal, len(context) - 1)
         accepted = next((i for i, (p, g) in enumerate(zip(proposal, greedy)) if p != g), len(proposal))
-        cost.target_forwards += 1
-        cost.target_positions += len(context) + len(proposal)
         cost.verify_passes += 1
         cost.reused_tokens += accepted
         return accepted, proposal[:accepted] + [greedy[accepted]]
 
-    def _generate(self, context: list[int], n: int, cost: Cost) -> list[int]:
+    def _generate(self, context: list[int], n: int, cost: Cost):
+        new = yield Generate(context, n)
+        cost.generated_tokens += len(new)
+        return new
+
+    # ------------------------------------------------------------------ serving requests one at a time
+
+    def serve(self, request: Predict | Generate, cost: Cost) -> list[int]:
+        if isinstance(request, Generate):
+            return self._generate_now(request, cost)
+        decoder = self.engine.target if request.model == "target" else self.engine.draft
+        # Only positions from `start` on are needed, so the cached keys/values before them are reused.
+        logits, _ = decoder.teacher_forced(request.ids, start=request.start)
+        cost.count_forward(request.model, len(request.ids) - request.start)
+        return self.greedy(request.model, logits).tolist()
+
+    def greedy(self, model: str, logits):
+        """Argmax over the vocabulary; the draft's over the part both models share, so its picks are target ids."""
+        return (logits[..., : self.common_vocab] if model == "draft" else logits).argmax(-1)
+
+    def _generate_now(self, request: Generate, cost: Cost) -> list[int]:
+        context, n = request.context, request.n
         mode = "speculative" if self.options.speculative else "target"
         out = self.engine.generate(context, max_new_tokens=n, mode=mode, window=self.options.window)
         stats = out.stats
@@ -159,20 +226,14 @@ class Miner:
         else:
             cost.target_forwards += max(len(out.token_ids), 1)
             cost.target_positions += len(context) + max(len(out.token_ids) - 1, 0)
-        cost.generated_tokens += len(out.token_ids)
         return out.token_ids
 
     # ------------------------------------------------------------------ mining
 
-    def _draft_predictions(self, ids: list[int], first: int, cost: Cost) -> list[int | None]:
-        """Entry p >= first is the draft's greedy token for position p given ids[:p]; earlier entries are None.
-
-        Only positions from `first` on are needed, so the draft reuses its cached keys/values before that.
-        """
-        logits, _ = self.engine.draft.teacher_forced(ids, start=first - 1)
-        cost.draft_forwards += 1
-        cost.draft_positions += len(ids) - first + 1
-        return [None] * first + logits[:, : self.common_vocab].argmax(-1).tolist()[:-1]
+    def _draft_predictions(self, ids: list[int], first: int):
+        """Entry p >= first is the draft's greedy token for position p given ids[:p]; earlier entries are None."""
+        greedy = yield Predict("draft", ids, first - 1)
+        return [None] * first + greedy[:-1]
 
     def _check(self, problem: Problem, response: list[int], cost: Cost):
         t0 = time.perf_counter()
@@ -181,13 +242,17 @@ class Miner:
         return outcome
 
     def mine(self, problem: Problem, prompt_ids: list[int]) -> ProblemResult:
-        t0 = time.perf_counter()
         cost = Cost()
-        answer = self.continuation(prompt_ids, self.options.max_new_tokens, [], cost)
+        return run_steps(self.mining_steps(problem, prompt_ids, cost), lambda r: self.serve(r, cost))
+
+    def mining_steps(self, problem: Problem, prompt_ids: list[int], cost: Cost) -> Steps:
+        """The whole search for one problem; returns its ProblemResult."""
+        t0 = time.perf_counter()
+        answer = yield from self.continuation_steps(prompt_ids, self.options.max_new_tokens, [], cost)
         ref = self._check(problem, answer, cost)
         truncated = not answer or answer[-1] not in self.engine.eos_token_ids
         skip = truncated and self.options.skip_truncated
-        labels = [] if skip else self._label(problem, prompt_ids, answer, ref, cost)
+        labels = [] if skip else (yield from self._label(problem, prompt_ids, answer, ref, cost))
         record = {
             "kind": "problem", "problem_id": problem.problem_id,
             "answer_text": self.engine.tokenizer.decode(answer, skip_special_tokens=True),
@@ -199,17 +264,17 @@ class Miner:
         }
         return ProblemResult(labels, record, cost)
 
-    def _label(self, problem: Problem, prompt_ids: list[int], answer: list[int], ref, cost: Cost) -> list[dict]:
+    def _label(self, problem: Problem, prompt_ids: list[int], answer: list[int], ref, cost: Cost):
         """Swap in the draft's token at each mismatch, left to right, and keep the swap if `ref` survives."""
         budget, n0 = self.options.max_new_tokens, len(prompt_ids)
         cur, left, preds, labels = prompt_ids + answer, n0, None, []
         while True:
-            preds = preds or self._draft_predictions(cur, left, cost)
+            preds = preds or (yield from self._draft_predictions(cur, left))
             p = next((q for q in range(left, len(cur)) if cur[q] != preds[q]), None)
             if p is None:
                 break
             alt = cur[:p] + [preds[p]]
-            alt += self.continuation(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
+            alt += yield from self.continuation_steps(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
             alt_answer = self._check(problem, alt[n0:], cost)
             labels.append({
                 "kind": "label", "problem_id": problem.problem_id, "position": p - n0,

@@ -16,14 +16,25 @@ from filelock import FileLock, Timeout
 from autojudge.errors import AutojudgeError
 
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
-RESUME_KEYS = ("target", "target_fingerprint", "draft", "draft_fingerprint", "dtype", "dataset", "split",
-               "max_new_tokens", "prompt_template", "checker", "skip_truncated")
+RESUME_KEYS = ("target", "target_fingerprint", "target_weights", "draft", "draft_fingerprint", "draft_weights",
+               "dtype", "dataset", "split", "max_new_tokens", "prompt_template", "checker", "skip_truncated")
 # What a file written before a key existed was mined with.
 _BEFORE_KEY = {"skip_truncated": False}
+# Files from before weights were fingerprinted (the committed default-pair labels among them) cannot say which
+# weights they were mined with, and a model built without a checkpoint has none to hash: such a file stays
+# resumable on the path and architecture checks alone, and weights count as changed only when both sides know them.
+_KNOWN_ONLY = ("target_weights", "draft_weights")
 
 
 def _setting(meta: dict, key: str):
     return meta.get(key, _BEFORE_KEY.get(key))
+
+
+def _differs(old: dict, new: dict, key: str) -> bool:
+    before, now = _setting(old, key), _setting(new, key)
+    if key in _KNOWN_ONLY and (before is None or now is None):
+        return False
+    return before != now
 
 
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
@@ -75,7 +86,7 @@ class LabelStore:
             old_meta, end, self.done = _scan(self.path)
             if old_meta is None:
                 raise AutojudgeError(f"{self.path} is not a mining file (no meta row); choose another --out")
-            changed = [k for k in RESUME_KEYS if _setting(old_meta, k) != _setting(meta, k)]
+            changed = [k for k in RESUME_KEYS if _differs(old_meta, meta, k)]
             if changed:
                 raise AutojudgeError(
                     f"cannot resume {self.path}: {', '.join(changed)} differ from the run that wrote it; "

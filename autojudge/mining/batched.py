@@ -1,0 +1,159 @@
+"""Mining many problems at once: every problem's search (miner.py) runs as a generator in a cache row of its own,
+and each round serves the model calls of all problems in flight together.
+
+A round answers one request per row: a `Predict`, or one token of a `Generate` (generation advances every
+generating row by a token per round, as batched greedy decoding: the idle compute that speculative decoding
+fills at batch 1 is filled here by the other rows, so `--speculative` applies to batch 1 only). Each row keeps the tokens whose keys/values
+its cache holds, so a request runs only the tokens past the prefix it shares with them, as batch-1 mining does.
+Rows with a few new tokens share one forward; longer ones (a prompt, a checked piece of the previous
+continuation, a draft pass over a changed answer) run alone, since padding every row to their length would
+multiply the work of the rest. Greedy tokens are the same as batch 1's, so are the labels.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from autojudge.mining.miner import Cost, Generate, Miner, Predict, ProblemResult, Steps
+from autojudge.tasks.datasets import Problem
+
+# Rows with at most this many new tokens go into the shared forward.
+_SHARED_TOKENS = 4
+
+
+@dataclass
+class _Row:
+    problem: Problem
+    steps: Steps
+    cost: Cost
+    request: Predict | Generate | None = None
+    generated: list[int] = field(default_factory=list)  # tokens of the Generate request in progress
+
+
+def mine_all(miner: Miner, items: list[tuple[Problem, list[int]]], batch_size: int,
+             on_result: Callable[[Problem, ProblemResult], None]) -> None:
+    """Mines every (problem, prompt ids), `batch_size` problems in flight; on_result as each one finishes."""
+    if batch_size == 1:
+        for problem, prompt_ids in items:
+            on_result(problem, miner.mine(problem, prompt_ids))
+        return
+    BatchedMining(miner, batch_size).run(items, on_result)
+
+
+class BatchedMining:
+    def __init__(self, miner: Miner, batch_size: int):
+        self.miner = miner
+        self.decoders = {"target": miner.engine.target, "draft": miner.engine.draft}
+        for decoder in self.decoders.values():
+            decoder.ensure_rows(batch_size)
+        self.n = batch_size
+        self.trash = miner.max_seq_len  # the slot padding is written to
+        # Per model and row: the tokens whose keys/values the row's cache holds.
+        self.cached = {model: [[] for _ in range(batch_size)] for model in self.decoders}
+        self.rows: list[_Row | None] = [None] * batch_size
+
+    def run(self, items, on_result) -> None:
+        waiting = deque(items)
+        self.on_result = on_result
+        while True:
+            for b in range(self.n):
+                while self.rows[b] is None and waiting:
+                    problem, prompt_ids = waiting.popleft()
+                    cost = Cost()
+                    self.rows[b] = _Row(problem, self.miner.mining_steps(problem, prompt_ids, cost), cost)
+                    self._advance(b, None)
+            if all(row is None for row in self.rows):
+                return
+            self._round()
+
+    def _advance(self, b: int, answer) -> None:
+        """Sends row b its answer; stores the next request, or the result when its search has ended."""
+        row = self.rows[b]
+        try:
+            row.request = row.steps.send(answer)
+        except StopIteration as stop:
+            self.rows[b] = None
+            self.on_result(row.problem, stop.value)
+            return
+        row.generated = []
+
+    def _round(self) -> None:
+        work = {}
+        for b, row in enumerate(self.rows):
+            if row is None:
+                continue
+            request = row.request
+            if isinstance(request, Generate):
+                ids = request.context + row.generated
+                request = Predict("target", ids, len(ids) - 1)
+            work[b] = request
+        answers = {}
+        for model in self.decoders:
+            mine = {b: request for b, request in work.items() if request.model == model}
+            if mine:
+                answers.update(self._predict(model, mine))
+        for b, answer in answers.items():
+            row = self.rows[b]
+            if isinstance(row.request, Generate):
+                self._generated(b, answer[0])
+            else:
+                self._advance(b, answer)
+
+    def _generated(self, b: int, token: int) -> None:
+        row = self.rows[b]
+        request = row.request
+        row.generated.append(token)
+        done = (len(row.generated) >= request.n or token in self.miner.engine.eos_token_ids
+                or len(request.context) + len(row.generated) >= self.trash)
+        if done:
+            self._advance(b, row.generated)
+
+    def _predict(self, model: str, requests: dict[int, Predict]) -> dict[int, list[int]]:
+        decoder, cached = self.decoders[model], self.cached[model]
+        begins = {}
+        for b, request in requests.items():
+            held = cached[b]
+            shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
+                          min(len(held), len(request.ids)))
+            begins[b] = min(shared, request.start)
+            self.rows[b].cost.count_forward(model, len(request.ids) - request.start)
+        together = {b: r for b, r in requests.items() if len(r.ids) - begins[b] <= _SHARED_TOKENS}
+        answers = self._forward(decoder, model, together, begins, slice(0, self.n)) if together else {}
+        for b, request in requests.items():
+            if b not in together:
+                answers.update(self._forward(decoder, model, {b: request}, begins, slice(b, b + 1)))
+        for b, request in requests.items():
+            cached[b] = request.ids
+        return answers
+
+    def _forward(self, decoder, model: str, requests: dict[int, Predict], begins: dict[int, int],
+                 rows: slice) -> dict[int, list[int]]:
+        """One forward over cache rows `rows`: row b runs requests[b].ids[begins[b]:], rows without a request
+        run only padding; the greedy tokens of each request's positions, in one host read."""
+        width = max(len(r.ids) - begins[b] for b, r in requests.items())
+        tokens = torch.zeros(rows.stop - rows.start, width, dtype=torch.long)
+        positions = torch.full_like(tokens, self.trash)
+        picks = []  # (row in this batch, column) of every position whose next token is asked for
+        for b, request in requests.items():
+            i, begin = b - rows.start, begins[b]
+            new = request.ids[begin:]
+            tokens[i, : len(new)] = torch.as_tensor(new)
+            positions[i, : len(new)] = torch.arange(begin, len(request.ids))
+            picks += [(i, t - begin) for t in range(request.start, len(request.ids))]
+        device = decoder.device
+        kv_len = max(len(r.ids) for r in requests.values())
+        _, hidden = decoder.forward_rows(tokens.to(device), positions.to(device), kv_len, rows, logits_from=None)
+        where = torch.tensor(picks, device=device)
+        with torch.inference_mode():
+            logits = decoder.model.lm_head(hidden[where[:, 0], where[:, 1]]).float()
+        greedy = self.miner.greedy(model, logits).tolist()
+        answers, at = {}, 0
+        for b, request in requests.items():
+            count = len(request.ids) - request.start
+            answers[b] = greedy[at : at + count]
+            at += count
+        return answers
