@@ -6,9 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from autojudge import Engine
+from autojudge import Engine, TopkRule
 from autojudge.commands import main
-from autojudge.engine.request import TopkRule
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import Judge
 

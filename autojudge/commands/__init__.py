@@ -1,4 +1,4 @@
-"""`autojudge` command line: generate / mine / features / train / eval / bench."""
+"""`autojudge` command line: generate / mine / features / train / eval / bench / annotate."""
 
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ def main():
 
 
 def _register():
+    from autojudge.commands.annotate import annotate
     from autojudge.commands.bench import bench
     from autojudge.commands.eval import eval_cmd
     from autojudge.commands.generate import generate
     from autojudge.commands.mine import mine
     from autojudge.commands.train import features, train
 
-    for command in (generate, mine, features, train, eval_cmd, bench):
+    for command in (generate, mine, features, train, eval_cmd, bench, annotate):
         main.add_command(command)
 
 

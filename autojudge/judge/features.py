@@ -135,7 +135,9 @@ def annotation_features(eng, path: Path) -> tuple[torch.Tensor, torch.Tensor, li
     feats, important, groups = [], [], []
     annotations = read_jsonl(path)
     for n, (lineno, ann) in enumerate(progress(iterable=annotations, desc="features", unit="response")):
-        if not isinstance(ann.get("response"), str) or "prompt" not in ann:
+        if isinstance(ann, dict) and ann.get("kind") == "header":  # how the file was made (`autojudge annotate`)
+            continue
+        if not isinstance(ann, dict) or not isinstance(ann.get("response"), str) or "prompt" not in ann:
             raise AutojudgeError(f"{path}:{lineno}: an annotation needs 'prompt', 'response' and 'first_error'")
         response, first_error = ann["response"], ann.get("first_error")
         if first_error is not None and not (isinstance(first_error, int) and 0 <= first_error <= len(response)):

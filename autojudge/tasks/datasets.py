@@ -58,7 +58,7 @@ def _gsm8k_problems(rows: list[dict], prefix: str, source: str) -> list[Problem]
                 f"{source} row {index}: answer must end in '#### <number>' as in GSM8K, got {answer[-40:]!r}"
             )
         problem_id = str(row.get("id", f"{prefix}/{index}"))
-        problems.append(Problem(problem_id, "gsm8k", row["question"], expected))
+        problems.append(Problem(problem_id, "gsm8k", row["question"], expected, {"solution": answer}))
     return problems
 
 
