@@ -222,6 +222,37 @@ def test_graphed_engine_generates_the_eager_tokens_fp32(pair):
 
 
 @gate
+def test_batch_of_4_on_cuda_equals_batch1_and_graphs_survive_the_grown_cache(tiny_pair):
+    """fp32: batched rows (eager forwards on a 4-row cache) equal graphed batch-1 runs, in target, speculative and
+    batched mining; growing the cache re-records the batch-1 graphs, which would otherwise replay on freed
+    buffers."""
+    from autojudge.mining.batched import mine_all
+    from autojudge.mining.miner import Miner, MiningOptions
+    from autojudge.tasks.datasets import Problem
+
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
+                                    dtype="fp32", max_seq_len=256, kernels=KERNELS)
+    prompts = [torch.randint(0, 259, (4 + 9 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(6)]
+    for mode in ("target", "speculative"):
+        kw = dict(max_new_tokens=40, mode=mode, window=5, ignore_eos=True)
+        singles = [engine.generate(p, **kw).token_ids for p in prompts]  # graphs recorded on the 1-row cache
+        assert [o.token_ids for o in engine.generate_batch(prompts, max_batch=4, **kw)] == singles, mode
+        assert [engine.generate(p, **kw).token_ids for p in prompts] == singles, mode  # graphs re-recorded
+    versions = {g.cache_version for g in engine._graphs.graphs.values()}
+    assert versions == {engine.target.cache_version} and engine.target.cache_version >= 1
+
+    problems = [Problem(f"p{i}", "gsm8k", f"q{i}", "0") for i in range(5)]
+    items = [(p, prompts[i]) for i, p in enumerate(problems)]
+    options = MiningOptions(max_new_tokens=24, skip_truncated=False)
+    miner = Miner(engine, lambda problem, text: len(text) % 2, options)
+    alone, together = {}, {}
+    mine_all(miner, items, 1, lambda p, r: alone.__setitem__(p.problem_id, r.labels))
+    mine_all(miner, items, 4, lambda p, r: together.__setitem__(p.problem_id, r.labels))
+    assert together == alone
+
+
+@gate
 def test_speculative_equals_target_on_cuda_with_graphs(tiny_pair):
     engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
                                     dtype="fp32", max_seq_len=256, kernels=KERNELS)

@@ -23,6 +23,7 @@ class GraphedForward:
 
     def __init__(self, decoder: Decoder, tokens: torch.Tensor, t: int, logits_from: int | None, pool):
         self.model = decoder.model
+        self.cache_version = decoder.cache_version  # the cache buffers the recording reads and writes
         self.tokens = tokens
         self.logits_from = logits_from
         self.pool = pool
@@ -76,6 +77,7 @@ class CudaGraphs:
         """Same results as `decoder.forward(tokens[start:end], start, logits_from)`."""
         key = (decoder, end - start, logits_from)
         graph = self.graphs.get(key)
-        if graph is None:
+        # A cache grown for batched decoding is new memory: replaying the old recording would use freed buffers.
+        if graph is None or graph.cache_version != decoder.cache_version:
             graph = self.graphs[key] = GraphedForward(decoder, self.tokens, end - start, logits_from, self.pool)
         return graph(start)

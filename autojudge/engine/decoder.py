@@ -33,6 +33,7 @@ class Decoder:
         # recorded here, so a later sequence sharing that prefix skips recomputing it.
         self._cached_tokens = torch.full((max_seq_len,), -1, dtype=torch.long, device=model.lm_head.weight.device)
         self.cached_len = 0
+        self.cache_version = 0  # counts cache reallocations: a CUDA graph records the buffers of one version
 
     @classmethod
     def load(cls, ckpt: Checkpoint, tokenizer, dtype: torch.dtype, device: torch.device, max_seq_len: int,
@@ -75,9 +76,11 @@ class Decoder:
         return (None if logits is None else logits[0]), hidden[0]
 
     def ensure_rows(self, rows: int) -> None:
-        """Grows the KV cache to `rows` sequences (for batched decoding); what it held is dropped."""
+        """Grows the KV cache to `rows` sequences (for batched decoding); what it held is dropped, and CUDA graphs
+        recorded on the old cache are recorded again (`cache_version`)."""
         if rows > self.model.batch:
             self.model.setup_cache(self.max_seq_len, batch=rows, attention=self.model.attention)
+            self.cache_version += 1
             self.cached_len = 0
 
     @torch.inference_mode()
