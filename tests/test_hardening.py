@@ -56,6 +56,10 @@ BAD_CHECKPOINTS = {
     "config not an object": (lambda p: (p / "config.json").write_text("[]"), "is not a JSON object"),
     "truncated weights": (_truncate_weights, "model.safetensors is not a readable safetensors file"),
     "no tokenizer files": (_drop_tokenizer, "has no tokenizer (tokenizer.json or tokenizer.model or vocab.json)"),
+    "generation config not JSON": (lambda p: (p / "generation_config.json").write_text("{"),
+                                   "generation_config.json is not valid JSON"),
+    "eos id of the wrong type": (lambda p: (p / "generation_config.json").write_text('{"eos_token_id": "x"}'),
+                                 "eos_token_id ['x'] is not a token id"),
 }
 
 

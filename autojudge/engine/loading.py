@@ -41,14 +41,7 @@ class Checkpoint:
 
     @property
     def hf_config(self) -> dict:
-        path = self.directory / "config.json"
-        try:
-            hf = json.loads(path.read_bytes())
-        except ValueError as err:
-            raise AutojudgeError(f"{path} is not valid JSON ({err}); restore the checkpoint's config.json") from None
-        if not isinstance(hf, dict):
-            raise AutojudgeError(f"{path} is not a JSON object; restore the checkpoint's config.json")
-        return hf
+        return _json_object(self.directory / "config.json")
 
     @property
     def config(self) -> ModelConfig:
@@ -83,9 +76,24 @@ class Checkpoint:
         for file in ("config.json", "generation_config.json"):
             path = self.directory / file
             if path.exists():
-                eos = json.loads(path.read_text()).get("eos_token_id")
-                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+                eos = _json_object(path).get("eos_token_id")
+                eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+                if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+                    raise AutojudgeError(f"{path}: eos_token_id {eos!r} is not a token id or a list of them; "
+                                         f"restore the checkpoint's {file}")
+                ids.update(eos)
         return ids
+
+
+def _json_object(path: Path) -> dict:
+    """A checkpoint's JSON file; a damaged one is named with the fix, not a parser traceback."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as err:  # UnicodeDecodeError included
+        raise AutojudgeError(f"{path} is not valid JSON ({err}); restore the checkpoint's {path.name}") from None
+    if not isinstance(data, dict):
+        raise AutojudgeError(f"{path} is not a JSON object; restore the checkpoint's {path.name}")
+    return data
 
 
 def resolve(source: str, role: str) -> Checkpoint:
