@@ -205,3 +205,11 @@ def test_batched_speculative_sampling_is_lossless(engine):
     seen.append(rows - sum(seen))
     chi2 = sum((s - e) ** 2 / e for s, e in zip(seen, expected))
     assert min(expected) > 5 and chi2 < 29.88, (seen, expected)
+
+
+def test_batched_decoding_refuses_flash_attention(tiny_pair):
+    """flash-attn appends each row's keys/values consecutively, which ragged padded rows would break."""
+    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=None, max_seq_len=32)
+    engine.target.model.attention = "flash"  # cannot be set up on a CPU; the refusal comes before any kernel
+    with pytest.raises(AutojudgeError, match="need attention 'sdpa'"):
+        engine.generate_batch([[5, 6], [7]], mode="target", max_new_tokens=3)

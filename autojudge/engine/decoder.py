@@ -77,7 +77,11 @@ class Decoder:
 
     def ensure_rows(self, rows: int) -> None:
         """Grows the KV cache to `rows` sequences (for batched decoding); what it held is dropped, and CUDA graphs
-        recorded on the old cache are recorded again (`cache_version`)."""
+        recorded on the old cache are recorded again (`cache_version`). Every batched run calls it first."""
+        if self.model.attention == "flash":
+            # flash-attn writes a row's keys/values from its first position on, consecutively: padding would land
+            # past the cache end, or over the row's own cache.
+            raise AutojudgeError("batched decoding and batched mining need attention 'sdpa'; drop attention 'flash'")
         if rows > self.model.batch:
             self.model.setup_cache(self.max_seq_len, batch=rows, attention=self.model.attention)
             self.cache_version += 1
