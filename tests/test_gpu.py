@@ -70,11 +70,12 @@ def _poisoned(k: int) -> VerifyOutput:
 
 
 @compiled_kernel
+@pytest.mark.parametrize("rule", ["judge", "topk"])
 @pytest.mark.parametrize("mode", ["greedy", "sampling"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("vocab", [151936, 128256])
 @pytest.mark.parametrize("k", [4, 8, pytest.param(16, marks=gate), 32, 64])
-def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode):
+def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode, rule):
     gen = torch.Generator(device=CUDA).manual_seed(k * vocab)
     logits = torch.randn(1, k + 1, vocab, device=CUDA, generator=gen).to(dtype)
     greedy = logits.float().argmax(-1)[:, :k]
@@ -86,7 +87,7 @@ def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode):
         "judge_features": tuple(torch.randn(1, k, d, device=CUDA, generator=gen).to(dtype) for d in dims),
         "judge_weight": torch.randn(sum(dims), device=CUDA, generator=gen) / sum(dims) ** 0.5,
         "judge_bias": 0.1,
-    }
+    } if rule == "judge" else {"topk": 3, "topk_alpha": 0.05}  # random logits: a 3rd-best token is often within 5%
     if mode == "sampling":
         kw.update(temperature=0.7, draft_probs=torch.softmax(logits[:, :k].float() / 0.7, -1),
                   uniforms=torch.rand(1, k, device=CUDA, generator=gen),
