@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from autojudge.engine import loading
 from autojudge.engine.decoder import Decoder
+from autojudge.engine.model import Linear
 from autojudge.engine.tokenizer import load_tokenizer
 from autojudge.testing import make_tiny_checkpoint
 
@@ -44,6 +45,26 @@ def test_qwen2_untied_gqa1_matches_transformers(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "q", arch="qwen2", seed=3, num_heads=4, num_kv_heads=1,
                                 tie_word_embeddings=False)
     _check_parity(path, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (1, 9), (4, 1), (2, 5), (0, 3), (33,)])
+def test_linear_equals_f_linear(lead, bias, dtype):
+    """The CPU fp32 W @ x^T path (several rows) and the F.linear path give x @ W^T + b in the input's shape."""
+    gen = torch.Generator().manual_seed(len(lead) * 7 + sum(lead) + bias)
+    layer = Linear(48, 80, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 48, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(80, generator=gen))
+    x = torch.randn(*lead, 48, generator=gen).to(dtype)
+    out = layer(x)
+    ref = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+    assert out.shape == (*lead, 80) and out.dtype == dtype and out.is_contiguous()
+    tol = 1e-4 if dtype == torch.float32 else 0.5
+    if out.numel():
+        assert (out.double() - ref).abs().max().item() <= tol
 
 
 def test_hidden_is_after_final_norm(tiny_qwen):

@@ -59,6 +59,22 @@ def cache_bytes(cfg: ModelConfig, max_seq_len: int, batch: int, dtype: torch.dty
     return (max_seq_len + 1) * per_slot
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose CPU fp32 product for several rows is computed as W @ x^T.
+
+    MKL serves x @ W^T with few rows (a batch of decode steps, a verify pass, a logits row per mismatch) by a slow
+    path: on a 2-core AVX2 host F.linear with 4-9 rows costs 3-4 single-row steps, W @ x^T costs 1.2-1.8 and is
+    never slower up to 256 rows (bench/linear_layout.py). One row stays F.linear: both forms are the same GEMV."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or x.numel() == x.shape[-1]:
+            return F.linear(x, weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = (torch.mm(weight, rows.T) if self.bias is None else torch.addmm(self.bias[:, None], weight, rows.T))
+        return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -98,10 +114,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.flash_attn = None  # flash_attn_with_kvcache when the "flash" backend is set up
 
@@ -133,9 +149,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -167,7 +183,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = _Body(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_seq_len = 0
