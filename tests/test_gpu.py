@@ -224,15 +224,16 @@ def test_graphed_engine_generates_the_eager_tokens_fp32(pair):
 
 @gate
 def test_batch_of_4_on_cuda_equals_batch1_and_graphs_survive_the_grown_cache(tiny_pair):
-    """fp32: batched rows (eager forwards on a 4-row cache) equal graphed batch-1 runs, in target, speculative and
-    batched mining; growing the cache re-records the batch-1 graphs, which would otherwise replay on freed
-    buffers."""
+    """fp32: batched rows (graphed forwards on a 4-row cache, and eager ones) equal graphed batch-1 runs, in target,
+    speculative and batched mining; growing the cache re-records the batch-1 graphs, which would otherwise replay
+    on freed buffers."""
     from autojudge.mining.batched import mine_all
     from autojudge.mining.miner import Miner, MiningOptions
     from autojudge.tasks.datasets import Problem
 
-    engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
-                                    dtype="fp32", max_seq_len=256, kernels=KERNELS)
+    engine, eager = (Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[1]), device="cuda",
+                                            dtype="fp32", max_seq_len=256, kernels=KERNELS, cuda_graphs=graphs)
+                     for graphs in (True, False))
     prompts = [torch.randint(0, 259, (4 + 9 * i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(6)]
     for mode in ("target", "speculative"):
@@ -240,8 +241,12 @@ def test_batch_of_4_on_cuda_equals_batch1_and_graphs_survive_the_grown_cache(tin
         singles = [engine.generate(p, **kw).token_ids for p in prompts]  # graphs recorded on the 1-row cache
         assert [o.token_ids for o in engine.generate_batch(prompts, max_batch=4, **kw)] == singles, mode
         assert [engine.generate(p, **kw).token_ids for p in prompts] == singles, mode  # graphs re-recorded
+        assert [o.token_ids for o in eager.generate_batch(prompts, max_batch=4, **kw)] == singles, mode
     versions = {g.cache_version for g in engine._graphs.graphs.values()}
     assert versions == {engine.target.cache_version} and engine.target.cache_version >= 1
+    # Batched steps replayed graphs: the target's 1-token step and 6-token verify, the draft's steps, 4 rows each.
+    shapes = {(dec is engine.target, rows, t) for dec, rows, t, _ in engine._graphs.row_graphs}
+    assert {(True, 4, 1), (True, 4, 6), (False, 4, 1)} <= shapes, shapes
 
     problems = [Problem(f"p{i}", "gsm8k", f"q{i}", "0") for i in range(5)]
     items = [(p, prompts[i]) for i, p in enumerate(problems)]

@@ -7,8 +7,8 @@ tokens than the longest are padded, and padding is written to the trash slot `ma
 query sees. A speculative cycle drafts the longest window any row needs; a row whose own window is shorter
 (near its budget or its cache end) is verified as if it had drafted only that many tokens, so every row takes
 exactly the decisions its batch-1 run would. Sampling uses one window for all rows (the shortest), which
-keeps it lossless without that correction. The cycle keeps one host read for the whole batch. Batched forwards
-run eagerly (CUDA graphs serve batch-1 decoding).
+keeps it lossless without that correction. The cycle keeps one host read for the whole batch. With CUDA graphs
+on, the batched decode-time forwards replay one graph per (model, rows, tokens); prefills stay eager.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class BatchRun:
             dec.ensure_rows(self.n)
         self.tokens = torch.zeros(self.n, self.trash + 1, dtype=torch.long, device=self.device)
         self.rows = torch.arange(self.n, device=self.device)
+        self.graphs = engine._graphs
         self.sampler = _Sampler(temperature, seed, self.device)
         self.waiting = deque(enumerate(prompts))
         self.slots: list[_Slot | None] = [None] * self.n
@@ -183,18 +184,22 @@ class BatchRun:
         cols = torch.tensor([self.trash if c is None else c for c in columns], dtype=torch.long, device=self.device)
         self.tokens.index_put_((self.rows, cols), values)
 
-    @staticmethod
-    def _kv_len(columns: list[list[int | None]]) -> int:
-        """Cache slots a forward must attend to: up to its last real position (padding sees none of them)."""
-        return max((p for row in columns for p in row if p is not None), default=0) + 1
+    def _forward(self, decoder, columns: list[list[int | None]], logits_from: int | None):
+        """`decoder` over every cache row at the committed tokens of `columns` (see `_index`): a graph replay when
+        CUDA graphs are on, else eager, attending up to the last real position (padding sees none of them)."""
+        tokens, positions = self._index(columns)
+        if self.graphs is not None:
+            logits, hidden = self.graphs.forward_rows(decoder, tokens, positions, logits_from)
+        else:
+            kv_len = max((p for row in columns for p in row if p is not None), default=0) + 1
+            logits, hidden = decoder.forward_rows(tokens, positions, kv_len, slice(0, self.n), logits_from)
+        return tokens, logits, hidden
 
     # ---------------------------------------------------------------------------------------- target mode
 
     def _target_step(self) -> None:
         columns = [[None if s is None else s.seq_len - 1] for s in self.slots]
-        tokens, positions = self._index(columns)
-        logits, _ = self.target.forward_rows(tokens, positions, self._kv_len(columns),
-                                             slice(0, self.n), 0)
+        _, logits, _ = self._forward(self.target, columns, 0)
         nxt = self._pick(logits[:, 0])
         self._write([None if s is None else s.seq_len for s in self.slots], nxt)
         host = nxt.tolist()
@@ -260,9 +265,7 @@ class BatchRun:
             else:
                 columns = [[slots[b].seq_len + i - 1] if b in ks and i < ks[b] + extra else [None]
                            for b in range(self.n)]
-            tokens, positions = self._index(columns)
-            logits, hidden = self.draft.forward_rows(tokens, positions, self._kv_len(columns),
-                                                     slice(0, self.n), -1)
+            _, logits, hidden = self._forward(self.draft, columns, -1)
             if i > 0 and self.draft_hidden is not None:
                 self.draft_hidden[:, i - 1] = hidden[:, -1]
             if i < k_max:
@@ -276,9 +279,7 @@ class BatchRun:
         slots = self.slots
         columns = [[slots[b].seq_len - 1 + j if b in ks and j <= ks[b] else None for j in range(k_max + 1)]
                    for b in range(self.n)]
-        tokens, positions = self._index(columns)
-        logits, hidden = self.target.forward_rows(tokens, positions, self._kv_len(columns),
-                                                  slice(0, self.n), 0)
+        tokens, logits, hidden = self._forward(self.target, columns, 0)
         # Past a row's own window the drafts are -1: out of the vocabulary, never accepted by the target.
         live = torch.tensor([[b in ks and j < ks[b] for j in range(k_max)] for b in range(self.n)],
                             device=self.device)
