@@ -51,25 +51,26 @@ def test_speculative_equals_target_equals_transformers(engine, capsys):
                   f"speculative {spec.stats.tokens_per_second:.2f} tok/s :: {spec.text[:60]!r}")
 
 
-def test_shipped_judge_rescues_are_the_only_departures_from_the_target(engine):
-    """Mode autojudge with `--judge default`: every emitted token is the target's greedy choice for the text
-    before it, except exactly the draft tokens the judge kept (stats.judge_rescues)."""
+@pytest.mark.parametrize("mode, questions", [("autojudge", 2), ("judge", 1)])
+def test_shipped_judge_rescues_are_the_only_departures_from_the_target(engine, mode, questions):
+    """Modes autojudge and judge with `--judge default` (each its own shipped head): every emitted token is the
+    target's greedy choice for the text before it, except exactly the draft tokens the judge kept."""
     from autojudge.judge.judge_file import load_judge_for_engine
 
-    judge = load_judge_for_engine("default", engine, "autojudge")
+    judge = load_judge_for_engine("default", engine, mode)
     tau = judge.threshold_for()
     rescued = 0
-    for question in gsm8k_test_questions(2):
+    for question in gsm8k_test_questions(questions):
         ids = engine.encode_prompt(question)
-        out = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="autojudge", window=16, judge=judge,
+        out = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode=mode, window=16, judge=judge,
                               threshold=tau, ignore_eos=True)
         logits, _ = engine.target.teacher_forced(ids + out.token_ids)
         greedy = logits[len(ids) - 1 : -1].argmax(-1).tolist()
         departures = sum(g != t for g, t in zip(greedy, out.token_ids))
         assert departures == out.stats.judge_rescues
         rescued += out.stats.judge_rescues
-        quiet = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="autojudge", window=16, judge=judge,
+        quiet = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode=mode, window=16, judge=judge,
                                 threshold=0.0, ignore_eos=True)
         spec = engine.generate(ids, max_new_tokens=NEW_TOKENS, mode="speculative", window=16, ignore_eos=True)
         assert quiet.token_ids == spec.token_ids and quiet.stats.judge_rescues == 0
-    print(f"\n[default judge] tau {tau:.3f}: {rescued} rescues in 2 x {NEW_TOKENS} tokens")
+    print(f"\n[default {mode} head] tau {tau:.3f}: {rescued} rescues in {questions} x {NEW_TOKENS} tokens")

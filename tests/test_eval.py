@@ -64,10 +64,14 @@ def test_plan_sweeps_stored_recall_thresholds_sorted():
     # Recall 0.95 and 0.99 share a threshold: one run, labelled with the higher recall.
     judge = SimpleNamespace(thresholds={"recall": {"0.8": 0.4, "0.99": 0.05, "0.9": 0.2, "0.95": 0.05},
                                         "quantile": {"0.5": 0.3}})
-    assert plan_runs(["target", "autojudge"], None, judge) == [
+    assert plan_runs(["target", "autojudge"], None, {"autojudge": judge}) == [
         Run("target"), Run("autojudge", 0.05, 0.99), Run("autojudge", 0.2, 0.9), Run("autojudge", 0.4, 0.8)]
-    assert plan_runs(["speculative", "judge"], [0.1, 0.3], judge) == [
+    assert plan_runs(["speculative", "judge"], [0.1, 0.3], {"judge": judge}) == [
         Run("speculative"), Run("judge", 0.1), Run("judge", 0.3)]
+    # Each judge mode sweeps the thresholds stored in its own head.
+    other = SimpleNamespace(thresholds={"recall": {"0.9": 0.7}})
+    assert plan_runs(["autojudge", "judge"], None, {"autojudge": judge, "judge": other})[-2:] == [
+        Run("autojudge", 0.4, 0.8), Run("judge", 0.7, 0.9)]
 
 
 @pytest.mark.parametrize("call, needle", [
@@ -183,7 +187,7 @@ def test_resume_refuses_other_settings(tmp_path, dataset, fake):
 
 def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
     judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
-    monkeypatch.setattr(runner, "load_eval_judge", lambda path, engine, modes: judge)
+    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes: {"autojudge": judge})
     out = tmp_path / "r.json"
     result = _eval(["--dataset", dataset, "--judge", "j", "--max-new-tokens", 8, "--out", out])
     assert result.exit_code == 0, result.output

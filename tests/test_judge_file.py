@@ -1,5 +1,7 @@
 import json
 import pickle
+from importlib import resources
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -100,9 +102,6 @@ def test_vllm_export(tmp_path):
 
 def test_shipped_default_judge_is_for_the_mined_default_pair():
     """The judge in the package was trained on the committed default-pair labels: same models, sizes, precision."""
-    from importlib import resources
-    from pathlib import Path
-
     shipped = Path(str(resources.files("autojudge") / "judges" / "default"))
     meta = json.loads(judge_paths(shipped)[1].read_text())
     labels = Path(__file__).parents[1] / "data" / "mined" / "default" / meta["trained_on"]["file"]
@@ -117,6 +116,37 @@ def test_shipped_default_judge_is_for_the_mined_default_pair():
     assert all(0.0 < tau <= 1.0 for tau in judge.thresholds["recall"].values())
     # Mining goes on appending to the file after the judge is trained, never rewriting what it held.
     assert meta["report"]["rows"] <= sum(1 for line in labels.read_text().splitlines() if '"kind": "label"' in line)
+
+
+def test_default_judge_follows_the_mode(tmp_path):
+    """--judge default is the AutoJudge head for mode autojudge and the Judge Decoding head for mode judge, both
+    for the default target; the Judge Decoding head's annotations are rebuilt byte for byte by `autojudge annotate`."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from autojudge.commands import main
+    from autojudge.judge.judge_file import load_judge_for_engine
+
+    shipped = json.loads(judge_paths(Path(str(resources.files("autojudge") / "judges" / "default")))[1].read_text())
+    target = fake_dec(shipped["fingerprints"]["target"], 1536, "default-target")
+    draft = fake_dec(shipped["fingerprints"]["draft"], 896, "default-draft")
+    engine = SimpleNamespace(target=target, draft=draft)
+    assert load_judge_for_engine("default", engine, "autojudge").meta["kind"] == "autojudge"
+    assert load_judge_for_engine("default", engine).meta["kind"] == "autojudge"
+    head = load_judge_for_engine("default", engine, "judge")
+    assert head.meta["kind"] == "judge-decoding" and head.meta["setup"] == "DT"
+    assert head.weight.shape == (1536,) and torch.isfinite(head.weight).all()
+    assert 0.0 < head.threshold_for() <= 1.0
+    with pytest.raises(AutojudgeError, match="needs a judge-decoding head"):
+        load_judge_for_engine(judge_paths(Path(str(resources.files("autojudge") / "judges" / "default")))[1],
+                              engine, "judge")
+
+    limit = int(head.meta["trained_on"]["file"].removeprefix("ann-").removesuffix(".jsonl"))
+    out = tmp_path / "ann.jsonl"
+    result = CliRunner().invoke(main, ["annotate", "--limit", str(limit), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == head.meta["trained_on"]["sha256"]
 
 
 def _truncate(path):

@@ -66,11 +66,11 @@ def eval_cmd(dataset, split, limit, modes, thresholds, topk, alphas, judge_path,
               **engine_kw, "rows": str(rows_path(out))}
 
     engine = engine_from_options(**engine_kw)
-    judge = runner.load_eval_judge(judge_path, engine, mode_list) if judge_path else None
-    runs = runner.plan_runs(mode_list, taus, judge, alpha_list)
+    judges = runner.load_eval_judges(judge_path, engine, mode_list) if judge_path else {}
+    runs = runner.plan_runs(mode_list, taus, judges, alpha_list)
     log = runner.RowLog(rows_path(out), config, resume)
     rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens,
-                           judges=runner.judges_by_mode(judge, topk), batch_size=batch_size,
+                           judges=runner.judges_by_mode(judges, topk), batch_size=batch_size,
                            single_stream=config["single_stream"])
 
     report = build_report(rows, config)

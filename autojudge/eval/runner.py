@@ -81,22 +81,17 @@ def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, 
                       has_judge=mode == "topk" or (has_judge and mode in judged))
 
 
-def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None, alphas: list[float] | None = None
-              ) -> list[Run]:
-    """Target/speculative once each; judge modes once per threshold (default: the judge's recall-based ones);
-    mode topk once per alpha, held in the run's threshold.
+def plan_runs(modes: list[str], thresholds: list[float] | None, judges: dict | None = None,
+              alphas: list[float] | None = None) -> list[Run]:
+    """Target/speculative once each; judge modes once per threshold (default: the recall-based ones stored in
+    that mode's judge, `judges[mode]`); mode topk once per alpha, held in the run's threshold.
 
-    `judge` is needed only to sweep its stored thresholds; `validate` has checked it is there when modes need it.
+    `judges` is needed only to sweep stored thresholds; `validate` has checked it is there when modes need it.
     """
-    sweep = [(tau, None) for tau in thresholds or ()]
-    if thresholds is None and any(m in JUDGE_MODES for m in modes):
-        levels = sorted(judge.thresholds["recall"].items(), key=lambda item: float(item[0]))
-        # Several recall levels can share a threshold; one run measures them all.
-        sweep = sorted({float(tau): float(recall) for recall, tau in levels}.items())
     runs = []
     for mode in modes:
         if mode in JUDGE_MODES:
-            runs += [Run(mode, tau, recall) for tau, recall in sweep]
+            runs += [Run(mode, tau, recall) for tau, recall in _sweep(thresholds, judges and judges[mode])]
         elif mode == "topk":
             runs += [Run(mode, alpha) for alpha in alphas or (DEFAULT_TOPK_ALPHA,)]
         else:
@@ -104,13 +99,24 @@ def plan_runs(modes: list[str], thresholds: list[float] | None, judge=None, alph
     return runs
 
 
-def judges_by_mode(judge, topk: int) -> dict:
-    """What stands in for a judge in each lossy mode: the trained one, or the top-k rule (alpha comes per run)."""
-    return {**dict.fromkeys(JUDGE_MODES, judge), "topk": TopkRule(k=topk)}
+def _sweep(thresholds: list[float] | None, judge) -> list[tuple[float, float | None]]:
+    if thresholds is not None:
+        return [(tau, None) for tau in thresholds]
+    levels = sorted(judge.thresholds["recall"].items(), key=lambda item: float(item[0]))
+    # Several recall levels can share a threshold; one run measures them all.
+    return sorted({float(tau): float(recall) for recall, tau in levels}.items())
 
 
-def load_eval_judge(path: str, engine, modes: list[str]):
-    return load_judge_for_engine(path, engine, next((m for m in modes if m in JUDGE_MODES), None))
+def judges_by_mode(judges: dict, topk: int) -> dict:
+    """What stands in for a judge in each lossy mode: the trained heads (`load_eval_judges`), or the top-k rule
+    (alpha comes per run)."""
+    return {**judges, "topk": TopkRule(k=topk)}
+
+
+def load_eval_judges(path: str, engine, modes: list[str]) -> dict:
+    """The head of each judge mode in `modes`: the file at `path` (it must suit them all), or with 'default' the
+    head shipped for each mode."""
+    return {mode: load_judge_for_engine(path, engine, mode) for mode in modes if mode in JUDGE_MODES}
 
 
 def row_key(mode: str, threshold: float | None, problem_id: str) -> tuple:

@@ -240,13 +240,16 @@ def load_judge(path: str | Path, target, draft=None) -> Judge:
 
 SHIPPED_JUDGES = "judges"
 KIND_FOR_MODE = dict(zip(JUDGE_MODES, ("autojudge", "judge-decoding"), strict=True))
+# The heads shipped for the default pair, one per kind: --judge default picks the one its mode decodes with.
+SHIPPED_DEFAULT = {"autojudge": "default.json", "judge-decoding": "default-judge-decoding.json"}
 
 
 def load_judge_for_engine(path: str | Path, engine, mode: str | None = None) -> Judge:
-    """`path` or 'default' (the judge shipped in the package for the default pair), checked against the
-    engine's models and, when `mode` is given, against the kind of head that mode decodes with."""
+    """`path` or 'default' (the head shipped in the package for the default pair and `mode`, an AutoJudge head
+    when mode is None), checked against the engine's models and, when `mode` is given, against the kind of head
+    that mode decodes with."""
     if str(path) == "default":
-        shipped = resources.files("autojudge") / SHIPPED_JUDGES / "default.json"
+        shipped = resources.files("autojudge") / SHIPPED_JUDGES / SHIPPED_DEFAULT[KIND_FOR_MODE.get(mode, "autojudge")]
         if not shipped.is_file():
             raise AutojudgeError("no default judge is shipped in this version; train one with `autojudge train` "
                                  "and pass --judge PATH")
