@@ -7,7 +7,6 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,8 +69,8 @@ def test_graphed_forward_reads_tokens_at_the_device_start():
     step.start.fill_(30)
     logits, hidden = step._forward()
     want_logits, want_hidden = dec.forward(tokens[30:33], 30, logits_from=-1)
-    torch.testing.assert_close(logits[0], want_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(hidden[0], want_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
 
 
 # ---- attention backends ---------------------------------------------------------------------------
@@ -139,26 +138,28 @@ def test_flash_backend_wiring_matches_sdpa(monkeypatch):
 # ---- the engine's graph path --------------------------------------------------------------------------
 
 
-class EagerReplay(cuda_graphs.GraphedForward):
-    """A GraphedForward whose 'replay' reruns the step into the same output buffers, as a CUDA graph does."""
+class EagerGraph:
+    """Stands in for a recorded CUDA graph: a replay reruns the step into the recorded output buffers."""
 
-    def _capture(self):
-        logits, hidden = self._forward()
-        self.logits = None if logits is None else logits[0]
-        self.hidden = hidden[0]
-        self.graph = SimpleNamespace(replay=self._replay)
+    def __init__(self, graphed):
+        self.graphed = graphed
 
-    def _replay(self):
-        logits, hidden = self._forward()
-        if self.logits is not None:
-            self.logits.copy_(logits[0])
-        self.hidden.copy_(hidden[0])
+    def replay(self):
+        logits, hidden = self.graphed._forward()
+        if logits is not None:
+            self.graphed.logits.copy_(logits)
+        self.graphed.hidden.copy_(hidden)
+
+
+def eager_capture(self):
+    self.logits, self.hidden = self._forward()
+    self.graph = EagerGraph(self)
 
 
 @pytest.fixture
 def emulated_graphs(monkeypatch):
     """Turns an engine's graph path on without CUDA: same buffers and positions, eager replays."""
-    monkeypatch.setattr(cuda_graphs, "GraphedForward", EagerReplay)
+    monkeypatch.setattr(cuda_graphs._Graphed, "_capture", eager_capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
 
     def enable(engine):
@@ -200,6 +201,23 @@ def test_engine_graph_path_runs_to_the_cache_end(pair_engines, emulated_graphs):
     got = graphed.generate(prompt, max_new_tokens=100, window=8, ignore_eos=True)
     assert got.stats.finish_reason == "cache_full"
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("mode, temperature", [("target", 0.0), ("speculative", 0.0), ("speculative", 0.8)])
+def test_batched_graph_path_equals_eager(pair_engines, emulated_graphs, mode, temperature):
+    """Batched steps through per-(model, rows, tokens) graphs: every row as the eager batch gives it, slots refilled,
+    ragged prompts; the graphs' input buffers are refilled on each replay."""
+    plain, graphed = pair_engines(), emulated_graphs(pair_engines())
+    prompts = [list(range(20, 20 + n)) for n in (5, 17, 2, 30, 9)]
+    kw = dict(max_batch=3, max_new_tokens=30, mode=mode, window=4, temperature=temperature, seed=2, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate_batch(prompts, **kw)]
+    assert [o.token_ids for o in graphed.generate_batch(prompts, **kw)] == want
+    if temperature == 0:
+        assert want == [plain.generate(p, **{k: v for k, v in kw.items() if k != "max_batch"}).token_ids
+                        for p in prompts]
+    shapes = {(dec is graphed.target, rows, t) for dec, rows, t, _ in graphed._graphs.row_graphs}
+    # Target mode: the target's 1-token step; speculative: its 5-token verify and the draft's 1-token step.
+    assert ({(True, 3, 1)} if mode == "target" else {(True, 3, 5), (False, 3, 1)}) <= shapes, shapes
 
 
 # ---- the option --------------------------------------------------------------------------------------
