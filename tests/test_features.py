@@ -141,9 +141,16 @@ def test_train_cli_end_to_end(tiny_qwen, small_draft, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["features", "--labels", str(labels), *engine_args])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "j"), *engine_args])
+    res = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "j"),
+                               "--learning-curve", "0.5,1", *engine_args])
     assert res.exit_code == 0, res.output
     assert "features:" in res.output and "reused" in res.output and "ROC-AUC" in res.output
+    assert res.output.count("learning curve: ") == 2
+    meta = json.loads((tmp_path / "j.json").read_text())
+    assert [p["fraction"] for p in meta["report"]["learning_curve"]] == [0.5, 1.0]
+    bad = runner.invoke(main, ["train", "--labels", str(labels), "--out", str(tmp_path / "b"),
+                               "--learning-curve", "0,1", *engine_args])
+    assert bad.exit_code == 1 and "--learning-curve" in bad.output and not (tmp_path / "b.json").exists()
     eng = Engine.from_pretrained(target=str(tiny_qwen), draft=str(small_draft), max_seq_len=128)
     judge = load_judge(tmp_path / "j", target=eng.target, draft=eng.draft)
     assert judge.setup == "DD-DT" and judge.weight.shape == (96,)

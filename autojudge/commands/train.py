@@ -46,19 +46,29 @@ def features(labels, annotations, setup, out, **engine_kw):
               help="Also write STEM.vllm.pkl for the AutoJudge authors' vLLM integration (needs --setup DT).")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Share of problems held out to pick C.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the problem-grouped validation split.")
+@click.option("--learning-curve", "curve", default=None,
+              help="Comma-separated shares of the training problems, e.g. 0.25,0.5,1: validation ROC-AUC of a "
+                   "head trained on each (same validation problems), in the output and the judge's report.")
 @engine_options
-def train(labels, annotations, setup, out, features_path, export, val_fraction, seed, **engine_kw):
+def train(labels, annotations, setup, out, features_path, export, val_fraction, seed, curve, **engine_kw):
     """Train a logistic-regression judge head and write the judge file."""
     from autojudge.errors import AutojudgeError
+    from autojudge.eval.runner import parse_thresholds
     from autojudge.judge.judge_file import export_vllm, save_judge
-    from autojudge.judge.train import train_judge
+    from autojudge.judge.train import check_fractions, learning_curve, train_judge
 
     if export == "vllm" and (setup or ("DD-DT" if labels else "DT")) != "DT":
         raise AutojudgeError("--export vllm needs target-only features; add --setup DT")
+    fractions = parse_thresholds(curve, "--learning-curve")
+    if fractions is not None:
+        check_fractions(fractions)
     eng = engine_from_options(**engine_kw)
     fs, path, reused = feature_set(eng, labels=labels, annotations=annotations, setup=setup, cache=features_path)
     click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {fs.features.shape[0]} rows)", err=True)
     result = train_judge(fs.features, fs.important, fs.groups, val_fraction=val_fraction, seed=seed)
+    if fractions is not None:
+        result.report["learning_curve"] = learning_curve(fs.features, fs.important, fs.groups, fractions,
+                                                         val_fraction=val_fraction, seed=seed)
     written = list(save_judge(out, result, fs.meta))
     if export == "vllm":
         written.append(export_vllm(out.with_name(out.name + ".vllm.pkl"), result, fs.meta["setup"]))
@@ -79,6 +89,9 @@ def _print_report(result) -> None:
         for level, s in table.items():
             click.echo(f"{kind + ' ' + level:>22} {s['threshold']:8.4f} {s['precision']:9.3f} "
                        f"{s['recall']:7.3f} {s['accept_rate']:7.3f}")
+    for point in r.get("learning_curve", ()):
+        click.echo(f"learning curve: {point['fraction']:g} of the training problems ({point['problems']}, "
+                   f"{point['rows']} rows): validation ROC-AUC {point['val_auc']:.4f} at C {point['best_c']:.3g}")
     d = result.default_threshold
     click.echo(f"default threshold {d['value']:.4f} (recall {d['recall']} of important tokens on validation); "
                "the decoder accepts a mismatch when p_important < threshold")

@@ -59,21 +59,9 @@ def _check_classes(y: torch.Tensor, where: str) -> None:
         )
 
 
-def train_judge(
-    features: torch.Tensor,
-    important: torch.Tensor,
-    groups: list[str],
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    c_grid: tuple[float, ...] = C_GRID,
-) -> TrainResult:
-    x = features.to(torch.float64)
-    y = important.to(torch.float64)
-    train_idx, val_idx = grouped_split(groups, val_fraction, seed)
-    x_tr, y_tr, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
-    _check_classes(y_tr, "training")
-    _check_classes(y_val, "validation")
-
+def _pick_c(x_tr: torch.Tensor, y_tr: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, c_grid, where: str):
+    """(best C, its validation ROC-AUC, its head, AUC by C): a head fitted on the training rows per C."""
+    _check_classes(y_tr, where)
     scaler = Scaler.fit(x_tr)
     z_tr, z_val = scaler.transform(x_tr), scaler.transform(x_val)
     auc_by_c = {}
@@ -86,7 +74,23 @@ def train_judge(
         auc_by_c[f"{c:.6g}"] = auc
         if best is None or auc > best[1]:
             best = (c, auc, LinearHead(scaler, *init))
-    best_c, val_auc, split_head = best
+    return (*best, auc_by_c)
+
+
+def train_judge(
+    features: torch.Tensor,
+    important: torch.Tensor,
+    groups: list[str],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    c_grid: tuple[float, ...] = C_GRID,
+) -> TrainResult:
+    x = features.to(torch.float64)
+    y = important.to(torch.float64)
+    train_idx, val_idx = grouped_split(groups, val_fraction, seed)
+    x_tr, y_tr, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    _check_classes(y_val, "validation")
+    best_c, val_auc, split_head, auc_by_c = _pick_c(x_tr, y_tr, x_val, y_val, c_grid, "training")
     p_val = split_head.predict_proba(x_val)
 
     thresholds = {
@@ -117,3 +121,38 @@ def train_judge(
     }
     default = {"recall": DEFAULT_RECALL, "value": thresholds["recall"][str(DEFAULT_RECALL)]}
     return TrainResult(head, best_c, thresholds, default, report)
+
+
+def check_fractions(fractions: list[float]) -> None:
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise AutojudgeError(f"--learning-curve shares must lie in (0, 1], e.g. 0.25,0.5,1; got {fractions}")
+
+
+def learning_curve(
+    features: torch.Tensor,
+    important: torch.Tensor,
+    groups: list[str],
+    fractions: list[float],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    c_grid: tuple[float, ...] = C_GRID,
+) -> list[dict]:
+    """Validation ROC-AUC of heads trained on a share of the training problems (the same validation problems as
+    `train_judge`, C picked on them for each share): does labelling more problems still help? The shares are
+    nested: each adds problems, in a seeded order, to the smaller one."""
+    check_fractions(fractions)
+    x = features.to(torch.float64)
+    y = important.to(torch.float64)
+    train_idx, val_idx = grouped_split(groups, val_fraction, seed)
+    _check_classes(y[val_idx], "validation")
+    names = sorted({groups[i] for i in train_idx})
+    random.Random(seed).shuffle(names)
+    points = []
+    for fraction in sorted(set(fractions)):
+        kept = set(names[: max(1, round(fraction * len(names)))])
+        rows = [i for i in train_idx if groups[i] in kept]
+        best_c, val_auc, _, _ = _pick_c(x[rows], y[rows], x[val_idx], y[val_idx], c_grid,
+                                        f"training ({fraction:g} of the problems)")
+        points.append({"fraction": fraction, "problems": len(kept), "rows": len(rows), "best_c": best_c,
+                       "val_auc": val_auc})
+    return points
