@@ -2,7 +2,7 @@
 step against eager, the whole speculative cycle and its overhead, tokens/s against accepted tokens per cycle,
 and transformers' assisted generation on the same weights.
 
-    python bench/gpu_bench.py --part quick     # the default pair's shapes: 0.5B/1.5B, windows 4-16 (~2 min)
+    python bench/gpu_bench.py --part quick     # the default pair's shapes: 0.5B/1.5B, windows 4-16, batches 1-32
     python bench/gpu_bench.py --part rest      # Llama 1B/8B and Qwen 7B, windows to 64, V=128256
     python bench/gpu_bench.py                  # both (about 4 minutes on an H100)
     python bench/gpu_bench.py --smoke          # tiny models, CPU too: runs every code path in seconds
@@ -57,6 +57,8 @@ PARTS = {
         "pairs": [("qwen2.5-0.5b", "qwen2.5-1.5b", [4, 8, 16])],
         "hf_windows": [4, 8],
         "verify_vocabs": [151936], "verify_windows": [4, 8, 16, 32],
+        # (draft, target, window, batch sizes): continuous batching, graphed and eager
+        "batched": [("qwen2.5-0.5b", "qwen2.5-1.5b", 8, [1, 8, 32])],
     },
     "rest": {
         **_REAL,
@@ -65,6 +67,7 @@ PARTS = {
         "pairs": [("llama-3.2-1b", "llama-3.1-8b", [8]), ("qwen2.5-0.5b", "qwen2.5-7b", [8])],
         "hf_windows": [4],
         "verify_vocabs": [128256], "verify_windows": [4, 8, 16, 32, 64],
+        "batched": [],
     },
 }
 SMOKE = {
@@ -73,6 +76,7 @@ SMOKE = {
     "pairs": [("tiny-draft", "tiny-target", [2, 4])],
     "hf_windows": [2],
     "verify_vocabs": [1000], "verify_windows": [2, 4],
+    "batched": [("tiny-draft", "tiny-target", 2, [1, 3])],
     "dtype": torch.float32, "max_seq_len": 128, "prompt": 16, "position": 32,
     "new_tokens": {"graphs": (4, 12), "eager": (4, 12), "hf": (4, 12)},
     "reps": 3,
@@ -436,6 +440,50 @@ def pairs(cfg_set, steps, with_hf: bool):
               "ours tok/s (eager)", "ours / HF", "HF target-only tok/s", "ours target-only tok/s"], hf_rows, "hf")
 
 
+def timed_batch(engine, prompts, mode, k, n_short, n_long) -> tuple[float, object]:
+    """(tokens/s, a long run's batch stats) of `generate_batch` over `prompts` (one slot each): the difference of a
+    long and a short run, after a long one that captures every graph, so that prefill and capture cancel."""
+
+    def run(n):
+        return engine.generate_batch(prompts, max_batch=len(prompts), max_new_tokens=n, mode=mode, window=k,
+                                     ignore_eos=True).stats
+
+    run(n_long)
+    a, b = run(n_short), run(n_long)
+    return (b.new_tokens - a.new_tokens) / (b.total_s - a.total_s), b
+
+
+def _batched(draft_name, target_name, k, sizes, cfg_set, rows):
+    models, dtype = cfg_set["models"], cfg_set["dtype"]
+    draft = random_decoder(models.get(draft_name, draft_name), DEVICE, dtype, cfg_set["max_seq_len"], seed=1)
+    target = random_decoder(models.get(target_name, target_name), DEVICE, dtype, cfg_set["max_seq_len"], seed=2)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(draft.config.vocab_size, target.config.vocab_size)
+    label = f"{draft_name} → {target_name}"
+    for graphed in ([True, False] if ON_CUDA else [False]):
+        engine = Engine(target, draft, _NoText(), [], cuda_graphs=graphed)
+        n_short, n_long = cfg_set["new_tokens"]["graphs" if graphed else "eager"]
+        base = {}
+        for batch in sizes:
+            prompts = [torch.randint(0, vocab, (cfg_set["prompt"],), generator=gen).tolist() for _ in range(batch)]
+            for mode in ("target", "speculative"):
+                tps, stats = timed_batch(engine, prompts, mode, k, n_short, n_long)
+                base.setdefault(mode, tps)
+                rows.append([label, mode, k if mode == "speculative" else "-", "on" if graphed else "off", batch,
+                             tps, tps / base[mode], stats.occupancy])
+
+
+def batched(cfg_set):
+    rows = []
+    for draft_name, target_name, k, sizes in cfg_set["batched"]:
+        guarded(f"batched {draft_name} → {target_name}", _batched, draft_name, target_name, k, sizes, cfg_set,
+                rows)
+        release()
+    if rows:
+        emit("Continuous batching: tokens/s of the whole batch (random weights: speculative accepts ~0 per cycle)",
+             ["pair", "mode", "k", "graphs", "batch", "tokens/s", "x batch 1", "slot occupancy"], rows, "batched")
+
+
 def check_hf_parity(cfg_set):
     """Smoke check: transformers on our shared weights decodes the same greedy tokens as our engine."""
     dec = random_decoder(cfg_set["models"]["tiny-target"], DEVICE, torch.float32, cfg_set["max_seq_len"],
@@ -461,15 +509,17 @@ def run_part(part: str, cfg_set: dict, bandwidth, rate, reps: int, with_hf: bool
     steps = model_steps(cfg_set, bandwidth, rate, reps) if "steps" in tables else {}
     if "pairs" in tables:
         pairs(cfg_set, steps, with_hf)
+    if "batched" in tables:
+        batched(cfg_set)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models: a seconds-long run of every code path")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="which shapes to run (CUDA only)")
-    parser.add_argument("--tables", default="verify,steps,pairs",
+    parser.add_argument("--tables", default="verify,steps,pairs,batched",
                         help="comma-separated subset of verify (kernel), steps (model steps), pairs (cycles, tokens/s, "
-                             "transformers)")
+                             "transformers), batched (continuous batching at several batch sizes)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--json", type=Path, default=None, help="every number, rewritten after each table")
@@ -477,8 +527,8 @@ def main():
     if not ON_CUDA and not args.smoke:
         parser.error("no CUDA GPU here: real shapes need one; run with --smoke for the tiny CPU run")
     tables = set(args.tables.split(","))
-    if not tables <= {"verify", "steps", "pairs"}:
-        parser.error("--tables takes a subset of verify,steps,pairs")
+    if not tables <= {"verify", "steps", "pairs", "batched"}:
+        parser.error("--tables takes a subset of verify,steps,pairs,batched")
     global SMOKE_RUN, JSON_PATH
     SMOKE_RUN, JSON_PATH = args.smoke, args.json
     parts = {"smoke": SMOKE} if args.smoke else PARTS if args.part == "all" else {args.part: PARTS[args.part]}

@@ -13,6 +13,8 @@
 #                eager, graphed speculative == target (fp32)                                  ~1 min
 #   quick_bench  bench/gpu_bench.py --part quick: fused verify (device-only and host-inclusive) vs eager,
 #                0.5B/1.5B steps graph vs eager, the 0.5B -> 1.5B cycle, transformers assisted  ~2-3 min
+#   batched_bench  bench/gpu_bench.py --part quick --tables batched: continuous batching 0.5B -> 1.5B at batch
+#                1/8/32, target and speculative, graphs on and off                            ~2 min
 #   rest_tests   the other GPU tests (other K and V, real-shape fp32 pairs, flash-attn if installed)
 #   rest_bench   bench/gpu_bench.py --part rest: Llama 1B/8B, Qwen 7B, windows to 64, V=128256
 # The CPU kernel tests are not here: CI runs them. Installs nothing: the device machine has no network.
@@ -24,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRANSFORM
     TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0
 PY="${PYTHON:-python3}"
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-400}))
-parts="${GPU_CHECK_PARTS:-gate quick_bench rest_tests rest_bench}"
+parts="${GPU_CHECK_PARTS:-gate quick_bench batched_bench rest_tests rest_bench}"
 failed=()
 
 log() { echo "$*" | tee -a "$OUT/summary.log"; }
@@ -55,7 +57,8 @@ part() {  # part NAME LIMIT COMMAND...: COMMAND under min(LIMIT, time left), its
 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 tests/test_gpu.py)
 part gate 150 "${PYTEST[@]}" -m gpu_gate
-part quick_bench 210 "$PY" bench/gpu_bench.py --part quick --json "$OUT/quick_bench.json"
+part quick_bench 210 "$PY" bench/gpu_bench.py --part quick --tables verify,steps,pairs --json "$OUT/quick_bench.json"
+part batched_bench 120 "$PY" bench/gpu_bench.py --part quick --tables batched --json "$OUT/batched_bench.json"
 part rest_tests 120 "${PYTEST[@]}" -m "not gpu_gate and not slow"
 part rest_bench 240 "$PY" bench/gpu_bench.py --part rest --json "$OUT/rest_bench.json"
 

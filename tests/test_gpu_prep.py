@@ -247,5 +247,5 @@ def test_gpu_bench_smoke_runs():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for title in ("Decode step", "Verify step", "Fused verify step", "Speculative cycle", "Tokens/s against",
-                  "assisted generation"):
+                  "assisted generation", "Continuous batching"):
         assert title in result.stdout, result.stdout[-3000:]
