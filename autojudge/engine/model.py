@@ -63,8 +63,9 @@ class Linear(nn.Linear):
     """nn.Linear whose CPU fp32 product for several rows is computed as W @ x^T.
 
     MKL serves x @ W^T with few rows (a batch of decode steps, a verify pass, a logits row per mismatch) by a slow
-    path: on a 2-core AVX2 host F.linear with 4-9 rows costs 3-4 single-row steps, W @ x^T costs 1.2-1.8 and is
-    never slower up to 256 rows (bench/linear_layout.py). One row stays F.linear: both forms are the same GEMV."""
+    path: on a 2-core AVX2 host a 4-token pass of the 1.5B target cost 3.1 single-token passes, as W @ x^T it costs
+    1.0, and forwards of 2-33 tokens run 1.4-3.1x faster (bench/cpu_linear.py). One row stays F.linear: both forms
+    are the same GEMV there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
