@@ -367,3 +367,25 @@ def test_cli_resume_refuses_weights_changed_under_the_same_path(tiny_pair, datas
     assert isinstance(result.exception, AutojudgeError), result.output
     assert "draft_weights differ from the run that wrote it" in str(result.exception)
     assert len(read_rows(out, "problem")) == 2
+
+
+def test_mismatch_pairs_report_counts_pairs_and_token_kinds(tmp_path, tiny_qwen):
+    """bench/mismatch_pairs.py on a hand-made labels file: pair counts and the important share per token kind."""
+    from autojudge.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(tiny_qwen))
+    digit, word = tok.encode("7")[0], tok.encode("a")[0]
+    rows = [{"kind": "meta"}]
+    for i, (target, draft, important) in enumerate([(digit, word, True), (digit, word, True), (word, digit, False),
+                                                     (word, digit, True), (word, digit, False)]):
+        rows.append({"kind": "label", "problem_id": f"p{i % 2}", "target_token": target, "draft_token": draft,
+                     "important": important})
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).parents[1] / "bench" / "mismatch_pairs.py"
+    out = subprocess.run([sys.executable, str(script), str(labels), "--target", str(tiny_qwen)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "5 mismatches from 2 problems, 3 important (60%)" in out.stdout
+    assert '| "7" -> "a" | 2 |' in out.stdout and '| "a" -> "7" | 2 |' in out.stdout
+    assert "| number | 2 | 100% |" in out.stdout and "| word | 3 | 33% |" in out.stdout
