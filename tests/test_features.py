@@ -72,6 +72,17 @@ def test_cache_is_keyed_and_reused(eng, tmp_path):
     assert load_features(path4).meta["fingerprints"] == {"target": eng.target.fingerprint}
 
 
+def test_dt_features_come_from_a_dd_dt_cache(eng, tmp_path):
+    """With DD-DT features of the same labels cached, DT ones are their target block: no model pass, same values."""
+    labels = write_jsonl(tmp_path / "labels.jsonl", label_rows(4))
+    both, _, _ = feature_set(eng, labels=labels, setup="DD-DT")
+    fresh, _, _ = feature_set(eng, labels=labels, setup="DT", cache=tmp_path / "fresh.safetensors")
+    sliced, path, reused = feature_set(eng, labels=labels, setup="DT")
+    assert reused and path.is_file() and sliced.meta["setup"] == "DT" and sliced.meta["key"] == fresh.meta["key"]
+    assert torch.equal(sliced.features, fresh.features) and torch.equal(sliced.important, fresh.important)
+    assert sliced.groups == fresh.groups and both.features.shape[1] == sliced.features.shape[1] + 32
+
+
 def test_labels_mined_with_other_models_are_refused(eng, tmp_path):
     meta = {"kind": "meta", "target": eng.target.name, "target_fingerprint": eng.target.fingerprint,
             "draft": "some-other-draft", "draft_fingerprint": "0123456789abcdef"}

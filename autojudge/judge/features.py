@@ -230,6 +230,15 @@ def load_features(path: Path) -> FeatureSet:
         )
 
 
+def _cached(path: Path, meta: dict) -> FeatureSet | None:
+    """The features at `path` when they were made for exactly `meta` (same key), else None."""
+    if path.is_file():
+        cached = load_features(path)
+        if cached.meta.get("key") == meta["key"]:
+            return cached
+    return None
+
+
 def feature_set(eng, labels: Path | None = None, annotations: Path | None = None, setup: str | None = None,
                 cache: Path | None = None) -> tuple[FeatureSet, Path, bool]:
     """(features, cache path, whether the cache was reused) for exactly one of labels / annotations."""
@@ -244,10 +253,18 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
         check_label_models(source, eng, setup)
     meta = describe(eng, source, kind, setup)
     path = Path(cache) if cache is not None else default_cache_path(source, meta)
-    if path.is_file():
-        cached = load_features(path)
-        if cached.meta.get("key") == meta["key"]:
-            return cached, path, True
+    cached = _cached(path, meta)
+    if cached is not None:
+        return cached, path, True
+    if kind == "autojudge" and setup == "DT" and eng.draft is not None:
+        # DT features are the target block of DD-DT ones (the same passes of the same target): reuse those.
+        both = describe(eng, source, kind, "DD-DT")
+        cached = _cached(default_cache_path(source, both), both)
+        if cached is not None:
+            target_block = cached.features[:, -eng.target.config.hidden_size :].contiguous()
+            fs = FeatureSet(target_block, cached.important, cached.groups, meta)
+            save_features(path, fs)
+            return fs, path, True
     if kind == "autojudge":
         rows = read_label_rows(source)
         feats = label_features(eng, rows, setup)
