@@ -140,6 +140,52 @@ def test_annotation_features_and_labels(eng, tmp_path):
         feature_set(eng, annotations=tmp_path / "ann.jsonl", setup="DD-DT")
 
 
+@pytest.mark.parametrize("kind", ["labels", "annotations"])
+def test_a_killed_feature_run_resumes_without_redoing_passes(eng, tmp_path, monkeypatch, kind):
+    """A run that dies mid-way leaves its checkpoint; the next run does only the rest, and the features equal an
+    uninterrupted run's. The checkpoint goes once the features are saved; one made for other inputs is ignored."""
+    from autojudge.judge import features as features_module
+
+    if kind == "labels":
+        source = {"labels": write_jsonl(tmp_path / "labels.jsonl", label_rows(6)), "setup": "DD-DT"}
+    else:
+        anns = [{"prompt": f"Say {i}", "response": f"the cat {i} in there", "first_error": i} for i in range(7)]
+        source = {"annotations": write_jsonl(tmp_path / "ann.jsonl", anns)}
+    want, _, _ = feature_set(eng, cache=tmp_path / "uninterrupted.safetensors", **source)
+
+    real_hidden, passes = features_module._hidden, []
+
+    def dies_after(n):
+        def hidden(dec, ids):
+            if len(passes) == n:
+                raise KeyboardInterrupt
+            passes.append(dec)
+            return real_hidden(dec, ids)
+        return hidden
+
+    monkeypatch.setattr(features_module, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(features_module, "_hidden", dies_after(5))
+    with pytest.raises(KeyboardInterrupt):
+        feature_set(eng, **source)
+    cache = next(tmp_path.glob("*.features.safetensors.partial"))
+    first = len(passes)
+    monkeypatch.setattr(features_module, "_hidden", dies_after(10_000))
+    got, path, reused = feature_set(eng, **source)
+    assert not reused and torch.equal(got.features, want.features) and got.groups == want.groups
+    assert torch.equal(got.important, want.important)
+    both_runs = len(passes)
+    passes.clear()
+    feature_set(eng, cache=tmp_path / "again.safetensors", **source)
+    # Only the item the kill interrupted is redone: with DD-DT, the draft pass that had finished before it.
+    per_item = len(features_module._decoders(eng, source.get("setup", "DT")))
+    assert first == 5 and both_runs == len(passes) + first % per_item
+    assert not cache.exists() and path.is_file()
+    # A checkpoint made for other inputs (another key) is not used.
+    stale = features_module.Checkpoint(cache, "another key")
+    stale.add(0, rows=torch.zeros(1, 1))
+    assert features_module.Checkpoint(cache, "the key").done == {} and cache.exists()
+
+
 def test_bad_first_error_is_reported_with_its_line(eng, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "response": "ab", "first_error": 5}])
     with pytest.raises(AutojudgeError, match="bad.jsonl:1"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from autojudge.progress import progress
 SETUPS = ("DD-DT", "DT")
 BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
 CACHE_VERSION = 1
+SAVE_EVERY_S = 120.0  # a killed feature run loses at most this much work
 LABEL_KEYS = ("problem_id", "prompt_ids", "prefix_ids", "draft_token", "important")
 
 
@@ -91,6 +94,37 @@ def _hidden(dec, ids: list[int]) -> torch.Tensor:
     return dec.forward(tokens, 0, logits_from=None)[1].float()
 
 
+class Checkpoint:
+    """Per work item (a pass, a response), the tensors computed so far, kept in `path` with the cache key at most
+    every SAVE_EVERY_S seconds (written aside and renamed, so never half-written): a killed feature run resumes
+    from it. None as path keeps nothing."""
+
+    def __init__(self, path: Path | None = None, key: str = ""):
+        self.path, self.key = path, key
+        self.done: dict[int, dict[str, torch.Tensor]] = {}
+        self.saved_at = time.monotonic()
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    for name in f.keys():
+                        item, field = name.split(".", 1)
+                        self.done.setdefault(int(item), {})[field] = f.get_tensor(name)
+
+    def add(self, item: int, **tensors: torch.Tensor) -> None:
+        self.done[item] = tensors
+        if self.path is not None and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            save_file({f"{i}.{k}": v.contiguous() for i, d in self.done.items() for k, v in d.items()}, str(tmp),
+                      metadata={"key": self.key})
+            os.replace(tmp, self.path)
+            self.saved_at = time.monotonic()
+
+    def remove(self) -> None:
+        """Called once the finished features are saved."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def _shared_passes(prompts: list[tuple], seqs: list[tuple]) -> tuple[list[tuple], list[int]]:
     """Fewest passes covering every sequence, and per row the pass holding it as a prefix.
 
@@ -112,9 +146,11 @@ def _shared_passes(prompts: list[tuple], seqs: list[tuple]) -> tuple[list[tuple]
     return passes, owner
 
 
-def label_features(eng, rows: list[dict], setup: str) -> torch.Tensor:
-    """[N, D] features at the draft token of each row: sequence = prompt + prefix + [draft_token]."""
+def label_features(eng, rows: list[dict], setup: str, checkpoint: Checkpoint | None = None) -> torch.Tensor:
+    """[N, D] features at the draft token of each row: sequence = prompt + prefix + [draft_token]. Passes already
+    in `checkpoint` are not run again."""
     decs = _decoders(eng, setup)
+    checkpoint = checkpoint or Checkpoint()
     prompts = [tuple(r["prompt_ids"]) for r in rows]
     seqs = [p + tuple(r["prefix_ids"]) + (r["draft_token"],) for p, r in zip(prompts, rows)]
     passes, owner = _shared_passes(prompts, seqs)
@@ -122,18 +158,27 @@ def label_features(eng, rows: list[dict], setup: str) -> torch.Tensor:
     for i, p in enumerate(owner):
         rows_of[p].append(i)
     out = torch.empty(len(rows), sum(d.config.hidden_size for d in decs), dtype=torch.float32)
-    for p in progress(iterable=range(len(passes)), desc="features", unit="seq"):
-        idx = rows_of[p]
-        pos = torch.tensor([len(seqs[i]) - 1 for i in idx])
-        hidden = torch.cat([_hidden(d, list(passes[p])).cpu() for d in decs], dim=-1)
-        out[idx] = hidden[pos]
+    already = sum(p in checkpoint.done for p in range(len(passes)))
+    with progress(total=len(passes), initial=already, desc="features", unit="seq") as bar:
+        for p in range(len(passes)):
+            idx = rows_of[p]
+            if p not in checkpoint.done:
+                pos = torch.tensor([len(seqs[i]) - 1 for i in idx])
+                hidden = torch.cat([_hidden(d, list(passes[p])).cpu() for d in decs], dim=-1)
+                checkpoint.add(p, rows=hidden[pos])
+                bar.update()
+            out[idx] = checkpoint.done[p]["rows"]
     return out
 
 
-def annotation_features(eng, path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Target hidden state at every response token (input = that token), important = at/after first error."""
+def annotation_features(eng, path: Path, checkpoint: Checkpoint | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Target hidden state at every response token (input = that token), important = at/after first error.
+    Responses already in `checkpoint` are not run again."""
+    checkpoint = checkpoint or Checkpoint()
     feats, important, groups = [], [], []
     annotations = read_jsonl(path)
+    # Responses the checkpoint holds go by in no time: the bar counts them as they pass.
     for n, (lineno, ann) in enumerate(progress(iterable=annotations, desc="features", unit="response")):
         if isinstance(ann, dict) and ann.get("kind") == "header":  # how the file was made (`autojudge annotate`)
             continue
@@ -151,8 +196,10 @@ def annotation_features(eng, path: Path) -> tuple[torch.Tensor, torch.Tensor, li
             raise AutojudgeError("Judge Decoding annotations need a fast tokenizer (token offsets)") from None
         if not enc["input_ids"]:
             continue
-        prompt_ids = eng.encode_prompt(ann["prompt"])
-        hidden = _hidden(eng.target, prompt_ids + enc["input_ids"])[len(prompt_ids):].cpu()
+        if n not in checkpoint.done:
+            prompt_ids = eng.encode_prompt(ann["prompt"])
+            checkpoint.add(n, hidden=_hidden(eng.target, prompt_ids + enc["input_ids"])[len(prompt_ids):].cpu())
+        hidden = checkpoint.done[n]["hidden"]
         feats.append(hidden)
         important.append(~torch.tensor(good_tokens(enc["offset_mapping"], first_error)))
         group = ann.get("problem_id", ann.get("id", f"annotation-{n}"))
@@ -265,13 +312,15 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
             fs = FeatureSet(target_block, cached.important, cached.groups, meta)
             save_features(path, fs)
             return fs, path, True
+    checkpoint = Checkpoint(path.with_name(path.name + ".partial"), meta["key"])
     if kind == "autojudge":
         rows = read_label_rows(source)
-        feats = label_features(eng, rows, setup)
+        feats = label_features(eng, rows, setup, checkpoint)
         important = torch.tensor([bool(r["important"]) for r in rows])
         groups = [str(r["problem_id"]) for r in rows]
     else:
-        feats, important, groups = annotation_features(eng, source)
+        feats, important, groups = annotation_features(eng, source, checkpoint)
     fs = FeatureSet(feats, important, groups, meta)
     save_features(path, fs)
+    checkpoint.remove()
     return fs, path, False
