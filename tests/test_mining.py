@@ -123,10 +123,13 @@ def test_batched_mining_equals_batch_one(engine, batch_size, reuse, budget):
     options = replace(MINING, reuse_continuation=reuse, max_new_tokens=budget)
     problems = _problems(6)
     alone = _mine(engine, options, n=6)
-    together = {}
-    mine_all(Miner(engine, parity, options), [(p, engine.encode_prompt(p.question)) for p in problems], batch_size,
+    together, labelled = {}, []
+    miner = Miner(engine, parity, options, on_label=lambda: labelled.append(len(together)))
+    mine_all(miner, [(p, engine.encode_prompt(p.question)) for p in problems], batch_size,
              lambda problem, result: together.setdefault(problem.problem_id, []).append(result))
     assert sorted(together) == sorted(p.problem_id for p in problems)
+    # The progress callback saw every label, the first one before any problem was written.
+    assert len(labelled) == sum(len(r[0].labels) for r in together.values()) and labelled[0] == 0
     assert all(len(v) == 1 for v in together.values())
     assert sum(len(r.labels) for r in alone) > 6  # enough swaps for the comparison to mean something
     for problem, single in zip(problems, alone):

@@ -48,10 +48,12 @@ def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_token
 
 def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
                options: MiningOptions, batch_size: int = 1) -> dict:
-    miner = Miner(engine, checker, options)
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
     totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "truncated": 0, "target_forwards": 0}
-    with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar:
+    # A problem takes minutes: the second bar counts mismatches labelled, in problems still in flight too.
+    with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar, \
+            progress(desc="mismatches", unit="label", position=1) as label_bar:
+        miner = Miner(engine, checker, options, on_label=label_bar.update)
 
         def keep(problem: Problem, result) -> None:
             store.add_problem(result.labels, {**result.record, "batch_size": batch_size})

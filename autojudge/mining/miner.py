@@ -113,10 +113,12 @@ class ProblemResult:
 
 
 class Miner:
-    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions()):
+    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions(), on_label=None):
+        """on_label(): called as each mismatch gets its label, so long problems show progress before they end."""
         self.engine = engine
         self.checker = checker
         self.options = options
+        self.on_label = on_label
         self.common_vocab = min(engine.target.config.vocab_size, engine.draft.config.vocab_size)
         self.max_seq_len = engine.target.max_seq_len
 
@@ -282,6 +284,8 @@ class Miner:
                 "target_token": cur[p], "draft_token": preds[p],
                 "important": alt_answer != ref, "ref_answer": ref, "alt_answer": alt_answer,
             })
+            if self.on_label is not None:
+                self.on_label()
             if alt_answer == ref:
                 cur, preds = alt, None
             left = p + 1
