@@ -105,11 +105,12 @@ class FakeEngine:
     """Answers 1 + 1 and 2 + 2 right and 3 + 3 wrong; every generation: 8 tokens, 2 cycles, 5 accepted."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.judges = [], []
         self.target = self.draft = None
 
     def generate(self, prompt, max_new_tokens, mode, window, judge=None, threshold=None):
         self.calls.append((mode, threshold))
+        self.judges.append(judge)
         question = prompt[-1]["content"]
         answer = next(a for q, a in QUESTIONS if q in question)
         text = f"The answer is {answer + (answer == 6)}."
@@ -195,6 +196,17 @@ def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatc
     assert [(r["mode"], r["threshold"], r["recall"]) for r in results] == [
         ("target", None, None), ("speculative", None, None), ("autojudge", 0.3, 0.9), ("autojudge", 0.6, 0.8)]
     assert ("autojudge", 0.3) in fake.calls and results[2]["judge_rescues_per_cycle"] == 0.5
+
+
+def test_each_judge_mode_decodes_with_its_own_head(tmp_path, dataset, fake, monkeypatch):
+    heads = {"autojudge": SimpleNamespace(thresholds={"recall": {"0.9": 0.3}}),
+             "judge": SimpleNamespace(thresholds={"recall": {"0.9": 0.05}})}
+    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes: heads)
+    out = tmp_path / "r.json"
+    result = _eval(["--dataset", dataset, "--modes", "autojudge,judge", "--judge", "default", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert {(call, id(judge)) for call, judge in zip(fake.calls, fake.judges)} == {
+        (("autojudge", 0.3), id(heads["autojudge"])), (("judge", 0.05), id(heads["judge"]))}
 
 
 def _assert_clean_error(args, needle):
