@@ -216,3 +216,21 @@ def test_batched_decoding_refuses_flash_attention(tiny_pair):
     engine.target.model.attention = "flash"  # cannot be set up on a CPU; the refusal comes before any kernel
     with pytest.raises(AutojudgeError, match="need attention 'sdpa'"):
         engine.generate_batch([[5, 6], [7]], mode="target", max_new_tokens=3)
+
+
+def test_answer_lengths_bench_runs_on_a_tiny_model(tiny_qwen, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "answer_lengths.py"
+    out = tmp_path / "lengths.jsonl"
+    result = subprocess.run([sys.executable, str(script), "--target", str(tiny_qwen), "--limit", "3",
+                             "--max-new-tokens", "24", "--budgets", "8,16", "--batch-size", "2",
+                             "--max-seq-len", "512", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["problem_id"] for r in rows] == ["gsm8k/train/0", "gsm8k/train/1", "gsm8k/train/2"]
+    whole = sum(r["ended"] and r["tokens"] <= 16 for r in rows)
+    assert f"| 16 | {whole / 3:.0%} |" in result.stdout and "| 90 |" in result.stdout
