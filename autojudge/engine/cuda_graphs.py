@@ -113,22 +113,26 @@ class CudaGraphs:
         self.graphs: dict[tuple[Decoder, int, int | None], GraphedForward] = {}
         self.row_graphs: dict[tuple[Decoder, int, int, int | None], GraphedRows] = {}
 
+    @staticmethod
+    def _current(table: dict, key: tuple, decoder: Decoder, record):
+        """table[key], recorded anew (record()) when missing or made on an older cache: a cache grown for batched
+        decoding is new memory, and replaying the old recording would use freed buffers."""
+        graph = table.get(key)
+        if graph is None or graph.cache_version != decoder.cache_version:
+            graph = table[key] = record()
+        return graph
+
     def forward(self, decoder: Decoder, start: int, end: int, logits_from: int | None):
         """Same results as `decoder.forward(tokens[start:end], start, logits_from)`."""
-        key = (decoder, end - start, logits_from)
-        graph = self.graphs.get(key)
-        # A cache grown for batched decoding is new memory: replaying the old recording would use freed buffers.
-        if graph is None or graph.cache_version != decoder.cache_version:
-            graph = self.graphs[key] = GraphedForward(decoder, self.tokens, end - start, logits_from, self.pool)
+        graph = self._current(self.graphs, (decoder, end - start, logits_from), decoder,
+                              lambda: GraphedForward(decoder, self.tokens, end - start, logits_from, self.pool))
         return graph(start)
 
     def forward_rows(self, decoder: Decoder, tokens: torch.Tensor, positions: torch.Tensor,
                      logits_from: int | None):
         """Same results as `decoder.forward_rows(tokens, positions, kv_len, slice(0, B), logits_from)` for any
         kv_len past the last real position (padding at the trash slot)."""
-        key = (decoder, *tokens.shape, logits_from)
-        graph = self.row_graphs.get(key)
-        if graph is None or graph.cache_version != decoder.cache_version:
-            graph = self.row_graphs[key] = GraphedRows(decoder, *tokens.shape, logits_from, self.pool)
+        graph = self._current(self.row_graphs, (decoder, *tokens.shape, logits_from), decoder,
+                              lambda: GraphedRows(decoder, *tokens.shape, logits_from, self.pool))
         decoder.cached_len = 0  # as in forward_rows: row 0 no longer holds what prefix reuse remembers
         return graph(tokens, positions)
