@@ -124,7 +124,8 @@ def test_batched_mining_equals_batch_one(engine, batch_size, reuse, budget):
     problems = _problems(6)
     alone = _mine(engine, options, n=6)
     together, labelled = {}, []
-    miner = Miner(engine, parity, options, on_label=lambda: labelled.append(len(together)))
+    miner = Miner(engine, parity, options,
+                  on_checkpoint=lambda row: row["kind"] == "step" and labelled.append(len(together)))
     mine_all(miner, [(p, engine.encode_prompt(p.question)) for p in problems], batch_size,
              lambda problem, result: together.setdefault(problem.problem_id, []).append(result))
     assert sorted(together) == sorted(p.problem_id for p in problems)
@@ -134,6 +135,80 @@ def test_batched_mining_equals_batch_one(engine, batch_size, reuse, budget):
     assert sum(len(r.labels) for r in alone) > 6  # enough swaps for the comparison to mean something
     for problem, single in zip(problems, alone):
         assert _comparable_result(together[problem.problem_id][0]) == _comparable_result(single), problem.problem_id
+
+
+class _CountingParity:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, problem, text):
+        self.calls += 1
+        return parity(problem, text)
+
+
+def _checkpoints(engine, options, problems):
+    """Problem id -> (uninterrupted result, its checkpoint rows)."""
+    rows = {}
+    miner = Miner(engine, parity, options, on_checkpoint=lambda row: rows.setdefault(row["problem_id"], []).append(row))
+    results = {p.problem_id: miner.mine(p, engine.encode_prompt(p.question)) for p in problems}
+    return {pid: (results[pid], rows[pid]) for pid in results}
+
+
+def test_a_search_resumed_from_any_checkpoint_equals_an_uninterrupted_one(engine):
+    problems = _problems(3)
+    checkpoints = _checkpoints(engine, MINING, problems)
+    assert sum(len(full.labels) for full, _ in checkpoints.values()) >= 4  # enough cuts to mean something
+    for pid, (full, rows) in checkpoints.items():
+        assert rows[0]["kind"] == "answer" and [r["kind"] for r in rows[1:]] == ["step"] * len(full.labels)
+        assert [r["label"] for r in rows[1:]] == full.labels
+        problem = next(p for p in problems if p.problem_id == pid)
+        for cut in range(1, len(rows) + 1):
+            checker = _CountingParity()
+            resumed = Miner(engine, checker, MINING).mine(problem, engine.encode_prompt(problem.question), rows[:cut])
+            assert _comparable_result(resumed) == _comparable_result(full), (pid, cut)
+            # Replayed, not recomputed: the answer and the labels before the cut were never checked again.
+            assert checker.calls == len(full.labels) - (cut - 1)
+            assert resumed.record["wall_s"] >= rows[cut - 1]["elapsed_s"]
+            assert resumed.cost.target_forwards >= rows[cut - 1]["cost"]["target_forwards"]
+
+
+def test_batched_mining_resumes_interrupted_searches(engine):
+    options = replace(MINING, max_new_tokens=40)
+    problems = _problems(5)
+    checkpoints = _checkpoints(engine, options, problems)
+    # Each problem cut at another point; the last one not started at all.
+    resumed = {pid: rows[: 1 + i % len(rows)] for i, (pid, (_, rows)) in enumerate(checkpoints.items()) if i < 4}
+    assert sum(len(rows) > 1 for rows in resumed.values()) >= 2  # some searches resume past their answer
+    together = {}
+    mine_all(Miner(engine, parity, options), [(p, engine.encode_prompt(p.question)) for p in problems], 3,
+             lambda problem, result: together.__setitem__(problem.problem_id, result), resumed)
+    assert sorted(together) == sorted(checkpoints)
+    for pid, (full, _) in checkpoints.items():
+        assert _comparable_result(together[pid]) == _comparable_result(full), pid
+
+
+def test_store_keeps_the_checkpoints_of_unfinished_problems(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    inflight = Path(f"{path}.inflight")
+    inflight.write_text('{"kind": "answer", "problem_id": "stale"}\n')  # left by an older run of the same name
+    with LabelStore(path, META, resume=False) as store:
+        assert store.resumed == {} and inflight.read_bytes() == b""
+        for pid in ("a", "b", "c"):
+            store.checkpoint({"kind": "answer", "problem_id": pid, "n": 0})
+        store.checkpoint({"kind": "step", "problem_id": "b", "n": 1})
+        _add(store, "a", 1)
+        store.checkpoint({"kind": "step", "problem_id": "c", "n": 1})
+        store.checkpoint({"kind": "answer", "problem_id": "b", "n": 0})  # b started over
+    with open(inflight, "ab") as f:  # killed while writing a row
+        f.write(b'{"kind": "step", "problem_id": "c", "n"')
+    with LabelStore(path, META, resume=True) as store:
+        assert store.done == {"a"}
+        assert store.resumed == {"b": [{"kind": "answer", "problem_id": "b", "n": 0}],
+                                 "c": [{"kind": "answer", "problem_id": "c", "n": 0},
+                                       {"kind": "step", "problem_id": "c", "n": 1}]}
+        store.checkpoint({"kind": "step", "problem_id": "c", "n": 2})
+    # Compacted to the unfinished problems when resumed, then appended to.
+    assert [(r["problem_id"], r["n"]) for r in read_rows(inflight)] == [("b", 0), ("c", 0), ("c", 1), ("c", 2)]
 
 
 def test_an_answer_cut_by_the_budget_gets_no_labels(engine, mined):

@@ -49,11 +49,19 @@ def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_token
 def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
                options: MiningOptions, batch_size: int = 1) -> dict:
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
+    # Interrupted problems first: their searches are the furthest along.
+    todo.sort(key=lambda item: item[0].problem_id not in store.resumed)
     totals = {"problems": 0, "labels": 0, "important": 0, "correct": 0, "truncated": 0, "target_forwards": 0}
+    labelled_before = sum(row["kind"] == "step" for rows in store.resumed.values() for row in rows)
     # A problem takes minutes: the second bar counts mismatches labelled, in problems still in flight too.
     with progress(total=len(problems), initial=len(problems) - len(todo), desc="mining", unit="problem") as bar, \
-            progress(desc="mismatches", unit="label", position=1) as label_bar:
-        miner = Miner(engine, checker, options, on_label=label_bar.update)
+            progress(desc="mismatches", unit="label", position=1, initial=labelled_before) as label_bar:
+
+        def checkpoint(row: dict) -> None:
+            store.checkpoint(row)
+            label_bar.update(row["kind"] == "step")
+
+        miner = Miner(engine, checker, options, on_checkpoint=checkpoint)
 
         def keep(problem: Problem, result) -> None:
             store.add_problem(result.labels, {**result.record, "batch_size": batch_size})
@@ -67,7 +75,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
                             important=f"{totals['important'] / max(totals['labels'], 1):.2f}")
             bar.update(1)
 
-        mine_all(miner, todo, batch_size, keep)
+        mine_all(miner, todo, batch_size, keep, store.resumed)
     return totals
 
 

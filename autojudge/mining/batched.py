@@ -35,13 +35,15 @@ class _Row:
 
 
 def mine_all(miner: Miner, items: list[tuple[Problem, list[int]]], batch_size: int,
-             on_result: Callable[[Problem, ProblemResult], None]) -> None:
-    """Mines every (problem, prompt ids), `batch_size` problems in flight; on_result as each one finishes."""
+             on_result: Callable[[Problem, ProblemResult], None], resumed: dict[str, list[dict]] | None = None) -> None:
+    """Mines every (problem, prompt ids), `batch_size` problems in flight; on_result as each one finishes.
+    `resumed`: problem id -> checkpoint rows of its interrupted search, which goes on from there."""
+    resumed = resumed or {}
     if batch_size == 1:
         for problem, prompt_ids in items:
-            on_result(problem, miner.mine(problem, prompt_ids))
+            on_result(problem, miner.mine(problem, prompt_ids, resumed.get(problem.problem_id, ())))
         return
-    BatchedMining(miner, batch_size).run(items, on_result)
+    BatchedMining(miner, batch_size).run(items, on_result, resumed)
 
 
 class BatchedMining:
@@ -56,7 +58,7 @@ class BatchedMining:
         self.cached = {model: [[] for _ in range(batch_size)] for model in self.decoders}
         self.rows: list[_Row | None] = [None] * batch_size
 
-    def run(self, items, on_result) -> None:
+    def run(self, items, on_result, resumed: dict[str, list[dict]]) -> None:
         waiting = deque(items)
         self.on_result = on_result
         while True:
@@ -64,7 +66,8 @@ class BatchedMining:
                 while self.rows[b] is None and waiting:
                     problem, prompt_ids = waiting.popleft()
                     cost = Cost()
-                    self.rows[b] = _Row(problem, self.miner.mining_steps(problem, prompt_ids, cost), cost)
+                    steps = self.miner.mining_steps(problem, prompt_ids, cost, resumed.get(problem.problem_id, ()))
+                    self.rows[b] = _Row(problem, steps, cost)
                     self._advance(b, None)
             if all(row is None for row in self.rows):
                 return

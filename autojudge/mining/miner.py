@@ -13,6 +13,10 @@ a few tokens), verified by teacher-forced target passes over pieces that grow wh
 The search is written once, as generators that yield the model calls they need (`Predict`, `Generate`) and
 receive the answers: `Miner.mine` serves them one at a time, `mining.batched` serves the calls of many problems
 in shared forward passes. Both give the same labels.
+
+A problem can take an hour in a large batch, so the search reports checkpoints as it goes (`on_checkpoint`): an
+`answer` row once the target has answered, a `step` row as each mismatch gets its label (with the continuation
+it kept, if any). Handed those rows back (`resume`), a search goes on from the last one instead of starting over.
 """
 
 from __future__ import annotations
@@ -113,12 +117,13 @@ class ProblemResult:
 
 
 class Miner:
-    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions(), on_label=None):
-        """on_label(): called as each mismatch gets its label, so long problems show progress before they end."""
+    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions(), on_checkpoint=None):
+        """on_checkpoint(row): called with each checkpoint row (module docstring), so long problems show progress
+        and lose nothing when the run is killed before they end."""
         self.engine = engine
         self.checker = checker
         self.options = options
-        self.on_label = on_label
+        self.on_checkpoint = on_checkpoint
         self.common_vocab = min(engine.target.config.vocab_size, engine.draft.config.vocab_size)
         self.max_seq_len = engine.target.max_seq_len
 
@@ -243,18 +248,34 @@ class Miner:
         cost.checker_s += time.perf_counter() - t0
         return outcome
 
-    def mine(self, problem: Problem, prompt_ids: list[int]) -> ProblemResult:
-        cost = Cost()
-        return run_steps(self.mining_steps(problem, prompt_ids, cost), lambda r: self.serve(r, cost))
+    def _checkpoint(self, kind: str, problem: Problem, cost: Cost, elapsed_s: float, **fields) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint({"kind": kind, "problem_id": problem.problem_id, **fields, "cost": asdict(cost),
+                                "elapsed_s": elapsed_s})
 
-    def mining_steps(self, problem: Problem, prompt_ids: list[int], cost: Cost) -> Steps:
-        """The whole search for one problem; returns its ProblemResult."""
+    def mine(self, problem: Problem, prompt_ids: list[int], resume: list[dict] = ()) -> ProblemResult:
+        cost = Cost()
+        return run_steps(self.mining_steps(problem, prompt_ids, cost, resume), lambda r: self.serve(r, cost))
+
+    def mining_steps(self, problem: Problem, prompt_ids: list[int], cost: Cost, resume: list[dict] = ()) -> Steps:
+        """The whole search for one problem; returns its ProblemResult. `resume`: the checkpoint rows of an
+        interrupted search of this problem, in the order they were reported."""
         t0 = time.perf_counter()
-        answer = yield from self.continuation_steps(prompt_ids, self.options.max_new_tokens, [], cost)
-        ref = self._check(problem, answer, cost)
+        if resume:
+            answer, ref = resume[0]["answer_ids"], resume[0]["ref_answer"]
+            for key, value in resume[-1]["cost"].items():
+                setattr(cost, key, value)
+            before_s = resume[-1]["elapsed_s"]
+        else:
+            answer = yield from self.continuation_steps(prompt_ids, self.options.max_new_tokens, [], cost)
+            ref = self._check(problem, answer, cost)
+            before_s = 0.0
         truncated = not answer or answer[-1] not in self.engine.eos_token_ids
         skip = truncated and self.options.skip_truncated
-        labels = [] if skip else (yield from self._label(problem, prompt_ids, answer, ref, cost))
+        if not skip and not resume:
+            self._checkpoint("answer", problem, cost, time.perf_counter() - t0, answer_ids=answer, ref_answer=ref)
+        labels = [] if skip else (yield from self._label(problem, prompt_ids, answer, ref, cost,
+                                                         lambda: before_s + time.perf_counter() - t0, resume[1:]))
         record = {
             "kind": "problem", "problem_id": problem.problem_id,
             "answer_text": self.engine.tokenizer.decode(answer, skip_special_tokens=True),
@@ -262,31 +283,44 @@ class Miner:
             "correct": ref == problem.expected, "truncated": truncated, "n_mismatches": len(labels),
             "n_important": sum(label["important"] for label in labels),
             "speculative": self.options.speculative, "reuse_continuation": self.options.reuse_continuation,
-            "wall_s": time.perf_counter() - t0, "cost": asdict(cost),
+            "wall_s": before_s + time.perf_counter() - t0, "cost": asdict(cost),
         }
         return ProblemResult(labels, record, cost)
 
-    def _label(self, problem: Problem, prompt_ids: list[int], answer: list[int], ref, cost: Cost):
-        """Swap in the draft's token at each mismatch, left to right, and keep the swap if `ref` survives."""
+    def _label(self, problem: Problem, prompt_ids: list[int], answer: list[int], ref, cost: Cost, elapsed,
+               done_steps: list[dict]):
+        """Swap in the draft's token at each mismatch, left to right, and keep the swap if `ref` survives.
+        `done_steps`: checkpointed steps of an interrupted search, replayed without model calls."""
         budget, n0 = self.options.max_new_tokens, len(prompt_ids)
         cur, left, preds, labels = prompt_ids + answer, n0, None, []
+        for step in done_steps:
+            label = step["label"]
+            p = n0 + label["position"]
+            labels.append(label)
+            if not label["important"]:
+                cur = cur[:p] + [label["draft_token"]] + step["continuation"]
+            left = p + 1
+            if cur[p] in self.engine.eos_token_ids:
+                return labels
         while True:
             preds = preds or (yield from self._draft_predictions(cur, left))
             p = next((q for q in range(left, len(cur)) if cur[q] != preds[q]), None)
             if p is None:
                 break
             alt = cur[:p] + [preds[p]]
-            alt += yield from self.continuation_steps(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
+            continuation = yield from self.continuation_steps(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
+            alt += continuation
             alt_answer = self._check(problem, alt[n0:], cost)
-            labels.append({
+            label = {
                 "kind": "label", "problem_id": problem.problem_id, "position": p - n0,
                 "prompt_ids": prompt_ids, "prefix_ids": cur[n0:p],
                 "target_token": cur[p], "draft_token": preds[p],
                 "important": alt_answer != ref, "ref_answer": ref, "alt_answer": alt_answer,
-            })
-            if self.on_label is not None:
-                self.on_label()
-            if alt_answer == ref:
+            }
+            labels.append(label)
+            kept = alt_answer == ref
+            self._checkpoint("step", problem, cost, elapsed(), label=label, continuation=continuation if kept else None)
+            if kept:
                 cur, preds = alt, None
             left = p + 1
             if cur[p] in self.engine.eos_token_ids:

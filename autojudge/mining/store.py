@@ -3,6 +3,11 @@
 Rows: one `meta` row first, then per problem its `label` rows followed by one `problem` row, written
 in a single write + flush + fsync. A problem is complete once its `problem` row is on disk; resuming
 truncates the file back to the last complete problem (dropping a torn tail) and skips finished ids.
+
+Problems still in flight write their checkpoint rows (mining/miner.py) to `<file>.inflight`, each fsync'ed as
+it comes: resuming hands an unfinished problem's rows back to its search, which goes on from its last
+label, so a kill loses at most the continuation each problem was generating. Rows of finished problems are
+dropped from that file when the run resumes; a fresh run deletes it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,27 @@ def _differs(old: dict, new: dict, key: str) -> bool:
     return before != now
 
 
+def _inflight_rows(path: Path, done: set[str]) -> dict[str, list[dict]]:
+    """Problem id -> checkpoint rows of each unfinished problem, from its `answer` row on; a torn tail is dropped."""
+    rows: dict[str, list[dict]] = {}
+    if not path.exists():
+        return rows
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.endswith(b"\n") else None
+            except json.JSONDecodeError:
+                row = None
+            if row is None:
+                break
+            problem_id = row["problem_id"]
+            if row["kind"] == "answer":
+                rows[problem_id] = [row]  # a problem restarted from scratch starts its rows again
+            elif problem_id in rows:
+                rows[problem_id].append(row)
+    return {problem_id: r for problem_id, r in rows.items() if problem_id not in done}
+
+
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
     """(meta row, byte offset just past the last complete problem, finished problem ids)."""
     meta, end, done = None, 0, set()
@@ -62,7 +88,9 @@ def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
 class LabelStore:
     def __init__(self, path: str | Path, meta: dict, resume: bool):
         self.path = Path(path)
+        self.inflight_path = Path(f"{self.path}.inflight")
         self.done: set[str] = set()
+        self.resumed: dict[str, list[dict]] = {}  # problem id -> checkpoint rows of its interrupted search
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Two miners on one file would both resume from the same point and write each problem twice.
         self._lock = FileLock(f"{self.path}.lock")
@@ -97,21 +125,34 @@ class LabelStore:
                 f.truncate(end)
                 os.fsync(f.fileno())
             self._file = open(self.path, "ab")
+            self.resumed = _inflight_rows(self.inflight_path, self.done)
         else:
             self._file = open(self.path, "wb")
-            self._write([{"kind": "meta", **meta}])
+            self._write(self._file, [{"kind": "meta", **meta}])
+        # Rewritten with only the unfinished problems' rows, then replaced in one step: a kill leaves the old
+        # file or the new one, never a mix.
+        staging = self.inflight_path.with_name(self.inflight_path.name + ".new")
+        with open(staging, "wb") as f:
+            self._write(f, [row for rows in self.resumed.values() for row in rows])
+        os.replace(staging, self.inflight_path)
+        self._inflight = open(self.inflight_path, "ab")
 
-    def _write(self, rows: list[dict]) -> None:
-        self._file.write(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    @staticmethod
+    def _write(file, rows: list[dict]) -> None:
+        file.write(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+        file.flush()
+        os.fsync(file.fileno())
+
+    def checkpoint(self, row: dict) -> None:
+        self._write(self._inflight, [row])
 
     def add_problem(self, labels: list[dict], record: dict) -> None:
-        self._write([*labels, record])
+        self._write(self._file, [*labels, record])
         self.done.add(record["problem_id"])
 
     def close(self) -> None:
         self._file.close()
+        self._inflight.close()
         self._lock.release()
 
     def __enter__(self) -> LabelStore:
