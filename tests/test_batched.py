@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autojudge import Engine
@@ -234,3 +234,43 @@ def test_answer_lengths_bench_runs_on_a_tiny_model(tiny_qwen, tmp_path):
     assert [r["problem_id"] for r in rows] == ["gsm8k/train/0", "gsm8k/train/1", "gsm8k/train/2"]
     whole = sum(r["ended"] and r["tokens"] <= 16 for r in rows)
     assert f"| 16 | {whole / 3:.0%} |" in result.stdout and "| 90 |" in result.stdout
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(prefixes=[0, 7, 30, 59], news=[1, 1, 5, 40, 1], order_seed=3)
+@example(prefixes=[3, 0, 12], news=[1, 1, 1, 1, 1], order_seed=1)  # one token a row: the padded path
+@given(prefixes=st.lists(st.integers(0, 60), min_size=1, max_size=5), news=st.lists(st.integers(1, 40), min_size=5,
+       max_size=5), order_seed=st.integers(0, 1000))
+def test_packed_forward_equals_each_row_alone(engine, prefixes, news, order_seed):
+    """A packed ragged batch (rows in any order, 1 to 40 new tokens after 0 to 60 cached ones) gives each row
+    the hidden states of running it alone, and leaves its cache row as that run would."""
+    decoder = engine.target
+    decoder.ensure_rows(len(prefixes))
+    sequences = prompts_of([p + n for p, n in zip(prefixes, news)], order_seed)
+    order = torch.randperm(len(prefixes), generator=torch.Generator().manual_seed(order_seed)).tolist()
+
+    def alone(b, begin, end):
+        ids = torch.tensor(sequences[b][begin:end])[None]
+        return decoder.forward_rows(ids, torch.arange(begin, end)[None], end, slice(b, b + 1), None)[1][0]
+
+    def packed(spans):
+        tokens = torch.tensor([t for b, begin, end in spans for t in sequences[b][begin:end]])
+        return decoder.forward_packed(tokens, [(b, begin, end - begin) for b, begin, end in spans])
+
+    want, cache = [], []
+    for b, p in enumerate(prefixes):
+        if p:
+            alone(b, 0, p)
+        want.append(alone(b, p, len(sequences[b])))
+        cache.append(decoder.model.model.layers[-1].self_attn.kv_cache.k[b, :, : len(sequences[b])].clone())
+    decoder.ensure_rows(len(prefixes))
+    for layer in decoder.model.model.layers:  # what the packed run writes must not come from the runs above
+        layer.self_attn.kv_cache.k.normal_()
+        layer.self_attn.kv_cache.v.normal_()
+    if any(prefixes):
+        packed([(b, 0, prefixes[b]) for b in order if prefixes[b]])
+    got = packed([(b, prefixes[b], len(sequences[b])) for b in order]).split([news[b] for b in order])
+    for b, hidden in zip(order, got):
+        torch.testing.assert_close(hidden, want[b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decoder.model.model.layers[-1].self_attn.kv_cache.k[b, :, : len(sequences[b])],
+                                   cache[b], rtol=1e-5, atol=1e-5)

@@ -96,6 +96,14 @@ class Decoder:
             self.cached_len = 0  # row 0 no longer holds the sequence that prefix reuse remembers
         return self.model(tokens, positions, kv_len, logits_from, rows)
 
+    @torch.inference_mode()
+    def forward_packed(self, tokens: torch.Tensor, rows: list[tuple[int, int, int]]):
+        """The new tokens of several cache rows one after another, no padding: `rows` holds (cache row, first
+        position, count) (`Transformer.forward_packed`); returns hidden [N, D]."""
+        if any(row == 0 for row, _, _ in rows):
+            self.cached_len = 0  # as in forward_rows
+        return self.model.forward_packed(tokens, rows)
+
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` already have valid keys/values in the cache (one host read)."""
         n = min(len(ids), self.cached_len)

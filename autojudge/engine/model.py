@@ -122,16 +122,18 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.flash_attn = None  # flash_attn_with_kvcache when the "flash" backend is set up
 
-    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len: int, rows: slice):
+    def forward(self, x, cos, sin, positions, visible, cache_lens, kv_len: int, rows: slice | list[Segment]):
         """SDPA reads `visible` ([B, 1, T, kv_len] bool: slot j is visible to query t of row b); flash-attn reads
         `cache_lens` (int32 [B]: the cache length before these tokens); the other one is None. `rows`: the
-        cache rows of this batch."""
+        cache rows of this batch, or for a packed batch (B = 1, see `Transformer.forward_packed`) its segments."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if isinstance(rows, list):
+            return self.o_proj(self._attend_segments(q[0], k[0], v[0], rows).transpose(0, 1).reshape(bsz, seqlen, -1))
         if self.flash_attn is not None:
             # Appends k/v at slot cache_lens[b] and lets query i see slots <= cache_lens[b] + i (bottom-right
             # causal): SDPA's visibility, as positions are always consecutive from the cache length.
@@ -145,6 +147,36 @@ class Attention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+    def _attend_segments(self, q, k, v, segments: list[Segment]):
+        """q [H, N, D], k/v [H_kv, N, D] of a packed batch: each segment writes its keys/values into its own cache
+        row and attends to that row alone. Returns [H, N, D]."""
+        out = torch.empty_like(q)
+        cache = self.kv_cache
+        for segment in segments:
+            span, slots = slice(segment.begin, segment.end), slice(segment.start, segment.start + segment.count)
+            cache.k[segment.row, :, slots] = k[:, span]
+            cache.v[segment.row, :, slots] = v[:, span]
+            visible = slice(segment.row, segment.row + 1), slice(None), slice(0, slots.stop)
+            out[:, span] = F.scaled_dot_product_attention(
+                q[None, :, span], cache.k[visible], cache.v[visible], attn_mask=segment.mask,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )[0]
+        return out
+
+
+class Segment:
+    """Tokens [begin, begin + count) of a packed batch: the new tokens of cache row `row`, at positions from `start`
+    on. `mask` [1, 1, count, start + count] (None for one token, which sees every slot up to its own) lets each
+    attend to the slots up to its position."""
+
+    def __init__(self, row: int, begin: int, start: int, count: int, cache_positions: torch.Tensor):
+        self.row, self.begin, self.end, self.start, self.count = row, begin, begin + count, start, count
+        self.mask = None
+        if count > 1:
+            positions = cache_positions[start : start + count]
+            self.mask = (cache_positions[: start + count][None, :] <= positions[:, None])[None, None]
 
 
 class MLP(nn.Module):
@@ -244,8 +276,40 @@ class Transformer(nn.Module):
         Returns (logits [B, T', V] fp32 for the positions from index `logits_from` on, or None when it is None;
         hidden [B, T, D]: the last layer's output after the final norm).
         """
+        return self._run(tokens, positions, kv_len, logits_from, slice(0, tokens.shape[0]) if rows is None else rows)
+
+    def forward_packed(self, tokens: torch.Tensor, rows: list[tuple[int, int, int]]):
+        """A ragged batch with no padding: tokens [N] are the new tokens of several cache rows one after another,
+        `rows` their (cache row, first position, count) in that order. Every projection runs once over the N
+        tokens, where a padded batch runs it over rows x the longest; each row attends to its own cache.
+        Returns hidden [N, D] after the final norm."""
+        if self.attention == "flash":
+            raise AutojudgeError("packed batches need attention 'sdpa'; drop attention 'flash'")
+        if all(count == 1 for _, _, count in rows):
+            return self._one_token_rows(tokens, rows)
+        segments, begin = [], 0
+        for row, start, count in rows:
+            segments.append(Segment(row, begin, start, count, self.cache_positions))
+            begin += count
+        positions = torch.cat([self.cache_positions[start : start + count] for _, start, count in rows])
+        _, hidden = self._run(tokens[None], positions[None], 0, None, segments)
+        return hidden[0]
+
+    def _one_token_rows(self, tokens: torch.Tensor, rows: list[tuple[int, int, int]]):
+        """A packed batch of one token a row, run as a padded one: a single attention call over the rows is
+        cheaper than one per row (bench/packed_rounds.py), and there is no padding to skip."""
+        index = torch.tensor([row for row, _, _ in rows], device=tokens.device)
+        batch = int(index.max()) + 1
+        padded = torch.zeros(batch, 1, dtype=tokens.dtype, device=tokens.device)
+        positions = torch.full_like(padded, self.max_seq_len)  # rows without a token write the trash slot
+        padded[index, 0] = tokens
+        positions[index, 0] = torch.tensor([start for _, start, _ in rows], device=tokens.device)
+        kv_len = max(start for _, start, _ in rows) + 1
+        _, hidden = self._run(padded, positions, kv_len, None, slice(0, batch))
+        return hidden[index, 0]
+
+    def _run(self, tokens, positions, kv_len: int, logits_from: int | None, rows: slice | list[Segment]):
         batch = tokens.shape[0]
-        rows = slice(0, batch) if rows is None else rows
         if positions.dim() == 1:
             positions = positions[None].expand(batch, -1)
         # A draft with fewer rows than its target may be handed an id of the target's padding rows, which a trained
@@ -256,7 +320,7 @@ class Transformer(nn.Module):
         visible = cache_lens = None
         if self.attention == "flash":
             cache_lens = positions[:, 0].to(torch.int32)
-        else:
+        elif not isinstance(rows, list):  # a packed batch's segments carry their own masks
             # Slot j is visible to a query at position p iff j <= p: stale slots past p never leak in.
             visible = (self.cache_positions[:kv_len][None, None, :] <= positions[:, :, None])[:, None]
         for layer in self.model.layers:

@@ -5,9 +5,9 @@ A round answers one request per row: a `Predict`, or one token of a `Generate` (
 generating row by a token per round, as batched greedy decoding: the idle compute that speculative decoding
 fills at batch 1 is filled here by the other rows, so `--speculative` applies to batch 1 only). Each row keeps the tokens whose keys/values
 its cache holds, so a request runs only the tokens past the prefix it shares with them, as batch-1 mining does.
-Rows with a few new tokens share one forward; longer ones (a prompt, a checked piece of the previous
-continuation, a draft pass over a changed answer) run alone, since padding every row to their length would
-multiply the work of the rest. Greedy tokens are the same as batch 1's, so are the labels.
+The rows' new tokens, one for a generating row, hundreds for a prompt, a checked piece of the previous
+continuation or a draft pass over a changed answer, go into one packed forward without padding: each weight is
+read once a round and multiplies all of them together. Greedy tokens are the same as batch 1's, so are the labels.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import torch
 
 from autojudge.mining.miner import Cost, Generate, Miner, Predict, ProblemResult, Steps
 from autojudge.tasks.datasets import Problem
-
-# Rows with at most this many new tokens go into the shared forward.
-_SHARED_TOKENS = 4
 
 
 @dataclass
@@ -53,7 +50,6 @@ class BatchedMining:
         for decoder in self.decoders.values():
             decoder.ensure_rows(batch_size)
         self.n = batch_size
-        self.trash = miner.max_seq_len  # the slot padding is written to
         # Per model and row: the tokens whose keys/values the row's cache holds.
         self.cached = {model: [[] for _ in range(batch_size)] for model in self.decoders}
         self.rows: list[_Row | None] = [None] * batch_size
@@ -111,52 +107,32 @@ class BatchedMining:
         request = row.request
         row.generated.append(token)
         done = (len(row.generated) >= request.n or token in self.miner.engine.eos_token_ids
-                or len(request.context) + len(row.generated) >= self.trash)
+                or len(request.context) + len(row.generated) >= self.miner.max_seq_len)
         if done:
             self._advance(b, row.generated)
 
     def _predict(self, model: str, requests: dict[int, Predict]) -> dict[int, list[int]]:
+        """Answers every row's request in one packed forward (no padding) and one host read."""
         decoder, cached = self.decoders[model], self.cached[model]
-        begins = {}
+        rows, tokens, picks, counts = [], [], [], []
         for b, request in requests.items():
             held = cached[b]
             shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
                           min(len(held), len(request.ids)))
-            begins[b] = min(shared, request.start)
+            begin = min(shared, request.start)
+            picks += range(len(tokens) + request.start - begin, len(tokens) + len(request.ids) - begin)
+            counts.append(len(request.ids) - request.start)
+            rows.append((b, begin, len(request.ids) - begin))
+            tokens += request.ids[begin:]
             self.rows[b].cost.count_forward(model, len(request.ids) - request.start)
-        together = {b: r for b, r in requests.items() if len(r.ids) - begins[b] <= _SHARED_TOKENS}
-        answers = self._forward(decoder, model, together, begins, slice(0, self.n)) if together else {}
-        for b, request in requests.items():
-            if b not in together:
-                answers.update(self._forward(decoder, model, {b: request}, begins, slice(b, b + 1)))
-        for b, request in requests.items():
             cached[b] = request.ids
-        return answers
-
-    def _forward(self, decoder, model: str, requests: dict[int, Predict], begins: dict[int, int],
-                 rows: slice) -> dict[int, list[int]]:
-        """One forward over cache rows `rows`: row b runs requests[b].ids[begins[b]:], rows without a request
-        run only padding; the greedy tokens of each request's positions, in one host read."""
-        width = max(len(r.ids) - begins[b] for b, r in requests.items())
-        tokens = torch.zeros(rows.stop - rows.start, width, dtype=torch.long)
-        positions = torch.full_like(tokens, self.trash)
-        picks = []  # (row in this batch, column) of every position whose next token is asked for
-        for b, request in requests.items():
-            i, begin = b - rows.start, begins[b]
-            new = request.ids[begin:]
-            tokens[i, : len(new)] = torch.as_tensor(new)
-            positions[i, : len(new)] = torch.arange(begin, len(request.ids))
-            picks += [(i, t - begin) for t in range(request.start, len(request.ids))]
         device = decoder.device
-        kv_len = max(len(r.ids) for r in requests.values())
-        _, hidden = decoder.forward_rows(tokens.to(device), positions.to(device), kv_len, rows, logits_from=None)
-        where = torch.tensor(picks, device=device)
+        hidden = decoder.forward_packed(torch.tensor(tokens, device=device), rows)
         with torch.inference_mode():
-            logits = decoder.model.lm_head(hidden[where[:, 0], where[:, 1]]).float()
+            logits = decoder.model.lm_head(hidden[torch.tensor(picks, device=device)]).float()
         greedy = self.miner.greedy(model, logits).tolist()
         answers, at = {}, 0
-        for b, request in requests.items():
-            count = len(request.ids) - request.start
+        for b, count in zip(requests, counts):
             answers[b] = greedy[at : at + count]
             at += count
         return answers
