@@ -29,6 +29,17 @@ def parity(problem, text):
     return sum(map(ord, text[-3:])) % 2
 
 
+def parity_logged(problem, text):
+    """`parity`, logging each call to $MINING_TEST_CALLS and dying as kill -9 would at call $MINING_TEST_DIE_AT."""
+    with open(os.environ["MINING_TEST_CALLS"], "a+") as log:
+        log.write(problem.problem_id + "\n")
+        log.seek(0)
+        calls = len(log.readlines())
+    if calls == int(os.environ.get("MINING_TEST_DIE_AT", 0)):
+        os._exit(137)
+    return parity(problem, text)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_pair):
     target, draft = tiny_pair
@@ -390,9 +401,9 @@ def test_cli_resume_refuses_another_precision(tiny_pair, dataset, tmp_path):
     assert len(read_rows(out, "problem")) == 1
 
 
-def _spawn(args):
+def _spawn(args, **env_extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
-           "AUTOJUDGE_QUIET": "1"}
+           "AUTOJUDGE_QUIET": "1", **env_extra}
     return subprocess.Popen([sys.executable, "-c", "from autojudge.commands import main; main()", "mine", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -422,6 +433,34 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_
     # Problems finish in another order when a batch resumes with other problems in flight; each is the same.
     assert _by_problem(interrupted) == _by_problem(reference)
     assert _problem_rows(reference) == 16
+
+
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "3"]], ids=["batch1", "batch3"])
+def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset, tmp_path, batch):
+    """Killed right after a check, a run resumed loses only that check: every answer and label before it comes
+    from `<out>.inflight`, so the two runs together check exactly one text more than an uninterrupted one."""
+    def run(out, calls, *extra, **env):
+        args = [a if a != "test_mining:parity" else "test_mining:parity_logged"
+                for a in _args(tiny_pair, dataset, out, *batch, *extra)]
+        process = _spawn(args, MINING_TEST_CALLS=str(calls), **env)
+        code = process.wait(timeout=300)
+        return code, process.stdout.read().decode(), calls.read_text().split() if calls.exists() else []
+
+    reference, interrupted = tmp_path / "reference.jsonl", tmp_path / "interrupted.jsonl"
+    code, output, reference_calls = run(reference, tmp_path / "reference.calls")
+    assert code == 0, output
+    # Die at a problem's third check (its answer, then two labels): its answer and first label are checkpointed.
+    die_at = next(i for i in range(len(reference_calls)) if reference_calls[: i + 1].count(reference_calls[i]) == 3)
+    code, _, killed_calls = run(interrupted, tmp_path / "killed.calls", MINING_TEST_DIE_AT=str(die_at + 1))
+    assert code == 137 and killed_calls == reference_calls[: die_at + 1]
+    unfinished = reference_calls[die_at]
+    assert unfinished not in {r["problem_id"] for r in read_rows(interrupted, "problem")}
+    inflight = read_rows(Path(f"{interrupted}.inflight"))
+    assert [r["kind"] for r in inflight if r["problem_id"] == unfinished] == ["answer", "step"]
+    code, output, resumed_calls = run(interrupted, tmp_path / "resumed.calls", "--resume")
+    assert code == 0, output
+    assert _by_problem(interrupted) == _by_problem(reference)
+    assert len(killed_calls) + len(resumed_calls) == len(reference_calls) + 1
 
 
 def test_cli_resume_refuses_weights_changed_under_the_same_path(tiny_pair, dataset, tmp_path, monkeypatch):
