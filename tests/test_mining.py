@@ -435,10 +435,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_
     assert _problem_rows(reference) == 16
 
 
-@pytest.mark.parametrize("batch", [[], ["--batch-size", "3"]], ids=["batch1", "batch3"])
-def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset, tmp_path, batch):
+def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset, tmp_path):
     """Killed right after a check, a run resumed loses only that check: every answer and label before it comes
-    from `<out>.inflight`, so the two runs together check exactly one text more than an uninterrupted one."""
+    from `<out>.inflight`, so the two runs together check exactly one text more than an uninterrupted one.
+    Batched (batch 1 resumes through the same checkpoints: test_a_search_resumed_from_any_checkpoint...)."""
+    batch = ["--batch-size", "3"]
     def run(out, calls, *extra, **env):
         args = [a if a != "test_mining:parity" else "test_mining:parity_logged"
                 for a in _args(tiny_pair, dataset, out, *batch, *extra)]
