@@ -148,7 +148,6 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
-
     def _attend_segments(self, q, k, v, segments: list[Segment]):
         """q [H, N, D], k/v [H_kv, N, D] of a packed batch: each segment writes its keys/values into its own cache
         row and attends to that row alone. Returns [H, N, D]."""
