@@ -154,7 +154,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         cache = self.kv_cache
         for segment in segments:
-            span, slots = slice(segment.begin, segment.end), slice(segment.start, segment.start + segment.count)
+            span = slice(segment.begin, segment.begin + segment.count)
+            slots = slice(segment.start, segment.start + segment.count)
             cache.k[segment.row, :, slots] = k[:, span]
             cache.v[segment.row, :, slots] = v[:, span]
             visible = slice(segment.row, segment.row + 1), slice(None), slice(0, slots.stop)
@@ -171,7 +172,7 @@ class Segment:
     attend to the slots up to its position."""
 
     def __init__(self, row: int, begin: int, start: int, count: int, cache_positions: torch.Tensor):
-        self.row, self.begin, self.end, self.start, self.count = row, begin, begin + count, start, count
+        self.row, self.begin, self.start, self.count = row, begin, start, count
         self.mask = None
         if count > 1:
             positions = cache_positions[start : start + count]
