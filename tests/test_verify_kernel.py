@@ -197,6 +197,13 @@ def test_ties_and_splits_across_blocks(monkeypatch):
     logits, draft, kw = sampling_case(gen, b, k, v, "fp16")
     both(logits, draft, **kw)
     both(logits, draft, **kw, topk=2, topk_alpha=0.1)  # raw maxima combined over the splits
+    # The sampled draw's tie across splits: q = 0 accepts every draft, so row K draws between two
+    # equally likely tokens with equal noise, and the lower index wins.
+    tie = torch.full((b, k + 1, v), -30.0)
+    tie[:, :, [390, 900]] = 0.0
+    kw.update(draft_probs=torch.zeros(b, k, v), noise=torch.ones(b, k + 1, v))
+    out = both(tie, torch.full((b, k), 390), **kw)
+    assert (out.num_accepted == k).all() and (out.next_token == 390).all()
 
 
 def test_strided_inputs_and_out_reuse():
@@ -216,6 +223,11 @@ def test_strided_inputs_and_out_reuse():
         workspace = out.workspace
         assert (workspace.counter == 0).all()  # the last program re-arms the counter
         assert_same(got, verify_reference(logits, draft, **judge))
+        sampled = {"temperature": 0.9, "draft_probs": torch.softmax(logits[:, :k].float(), -1),
+                   "uniforms": torch.rand(b, k, generator=gen), "noise": torch.rand(b, k + 1, v, generator=gen) + 0.1}
+        got = verify(logits, draft, **judge, **sampled, out=out)
+        assert out.workspace is workspace and (workspace.counter == 0).all() and (workspace.race_counter == 0).all()
+        assert_same(got, verify_reference(logits, draft, **judge, **sampled))
 
 
 def test_seeded_kernel_is_deterministic_and_offset_moves_it():
@@ -424,23 +436,23 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from autojudge.kernels.triton_verify import _verify_kernel as fn
+from autojudge.kernels.triton_verify import _residual_draw_kernel, _verify_kernel
 
 pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
             "offset_ptr": "*i64", "part_idx_ptr": "*i32", "counter_ptr": "*i32", "num_acc_ptr": "*i64",
             "next_tok_ptr": "*i64", "target_ok_ptr": "*i8", "judge_ok_ptr": "*i8", "part_cnt_ptr": "*i32"}
+verify_flags = dict.fromkeys(("SAMPLING", "HAS_JUDGE", "HAS_F2", "TOPK", "SEEDED", "OFFSET_FROM_PTR"), False)
 # Phase 2's tile from the largest (64 splits x 65 rows -> 64 x 128) down to a single element.
-for pads, flags in (
-    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": False, "HAS_JUDGE": True, "HAS_F2": True, "TOPK": False,
-                                   "SEEDED": False, "OFFSET_FROM_PTR": False}),
-    ({"S_PAD": 64, "R_PAD": 128}, {"SAMPLING": True, "HAS_JUDGE": True, "HAS_F2": False, "TOPK": False,
-                                   "SEEDED": True, "OFFSET_FROM_PTR": True}),
-    ({"S_PAD": 1, "R_PAD": 2}, {"SAMPLING": True, "HAS_JUDGE": False, "HAS_F2": False, "TOPK": True,
-                                "SEEDED": False, "OFFSET_FROM_PTR": False}),
-    ({"S_PAD": 8, "R_PAD": 8}, {"SAMPLING": False, "HAS_JUDGE": False, "HAS_F2": False, "TOPK": True,
-                                "SEEDED": False, "OFFSET_FROM_PTR": False}),
+for fn, consts in (
+    (_verify_kernel, {"S_PAD": 64, "R_PAD": 128, "BLOCK_D": 1024, **verify_flags, "HAS_JUDGE": True, "HAS_F2": True}),
+    (_verify_kernel, {"S_PAD": 64, "R_PAD": 128, "BLOCK_D": 1024, **verify_flags, "SAMPLING": True,
+                      "HAS_JUDGE": True, "SEEDED": True, "OFFSET_FROM_PTR": True}),
+    (_verify_kernel, {"S_PAD": 1, "R_PAD": 2, "BLOCK_D": 1024, **verify_flags, "SAMPLING": True, "TOPK": True}),
+    (_verify_kernel, {"S_PAD": 8, "R_PAD": 8, "BLOCK_D": 1024, **verify_flags, "TOPK": True}),
+    (_residual_draw_kernel, {"S_PAD": 64, "SEEDED": True, "OFFSET_FROM_PTR": True}),
+    (_residual_draw_kernel, {"S_PAD": 1, "SEEDED": False, "OFFSET_FROM_PTR": False}),
 ):
-    consts = {**pads, "BLOCK_V": 2048, "BLOCK_D": 1024, **flags}
+    consts = {**consts, "BLOCK_V": 2048}
     sig = {}
     for name in fn.arg_names:
         if name in consts:

@@ -1,4 +1,5 @@
-"""Fused verify step: one Triton launch, no host sync (semantics in ``autojudge.kernels.common``).
+"""Fused verify step: one Triton launch when greedy, two when sampling, no host sync (semantics in
+``autojudge.kernels.common``).
 
 Grid ``(S, K+1, B)``: program (s, r, b) reduces vocabulary split s of logits row r of sequence b
 (blocked online max/argmax, plus the running softmax denominator when sampling, plus for the
@@ -6,9 +7,10 @@ top-k rule the count of logits above the drafted token's and the raw max) into o
 split 0 of each drafted row also does the judge dot product over the D blocks of each feature
 tensor. Splitting V keeps a B=1 step from running on only K+1 SMs. Each program then
 takes a ticket from a per-sequence atomic counter; the last of the (K+1)*S programs of sequence b
-combines the partials, runs the accept scan, draws the next token (one extra pass over a single
-row, only when sampling) and resets the counter, so a reused workspace is ready for the next
-cycle (or CUDA-graph replay) without a memset.
+combines the partials, runs the accept scan, picks the greedy next token and resets the counter,
+so a reused workspace is ready for the next cycle (or CUDA-graph replay) without a memset.
+When sampling, a second launch, grid ``(S', B)``, draws the next token from the row the scan
+chose, split over V the same way (ticket, last program combines).
 
 That last program starts only once all the others of its sequence are done, so its latency is
 the step's tail. It therefore handles all K+1 rows at once (an ``[R_PAD, S_PAD]`` tile of partials,
@@ -65,13 +67,12 @@ def _verify_kernel(
     draft_ptr, stride_db, stride_dk,
     q_ptr, stride_qb, stride_qk,
     u_ptr, stride_ub, stride_uk,
-    noise_ptr, stride_nb, stride_nr,
     f1_ptr, stride_f1b, stride_f1k, D1,
     f2_ptr, stride_f2b, stride_f2k, D2,
     w_ptr, judge_bias, threshold, temperature, topk, log_alpha,
     seed, offset_val, offset_ptr,
     part_max_ptr, part_idx_ptr, part_sum_ptr, part_cnt_ptr, part_top_ptr, counter_ptr,
-    num_acc_ptr, next_tok_ptr, target_ok_ptr, judge_ok_ptr, judge_prob_ptr,
+    num_acc_ptr, next_tok_ptr, target_ok_ptr, judge_ok_ptr, judge_prob_ptr, sel_max_ptr, sel_sum_ptr,
     K, V, split_len, S,
     S_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr, TOPK: tl.constexpr,
@@ -220,40 +221,79 @@ def _verify_kernel(
     num_acc = tl.min(tl.where(is_draft & ~(target_ok | judge_ok), offs_r, K), 0)
     # Row num_acc's values, picked by masked reductions that are exact with a single survivor.
     chosen = offs_r == num_acc
-    if SAMPLING:
-        sel_max = tl.max(tl.where(chosen, row_max, float("-inf")), 0)
-        sel_sum = tl.sum(tl.where(chosen, row_sum, 0.0), 0)
-        sel_tok = 0
-    else:
-        sel_tok = tl.max(tl.where(chosen, row_tok, 0), 0)
-
-    if SAMPLING:
-        # Exponential race over row num_acc: residual max(p - q, 0) after a rejection, p for
-        # the bonus row (q masked to 0).
-        row_ptr = logits_ptr + b * stride_lb + num_acc * stride_lr
-        q_row = q_ptr + b * stride_qb + tl.minimum(num_acc, K - 1) * stride_qk
-        q_len = tl.where(num_acc < K, V, 0)
-        race = -1.0
-        for v0 in range(0, V, BLOCK_V):
-            idx = v0 + offs
-            mask = idx < V
-            x = _load_row_x(row_ptr, idx, mask, temperature, True)
-            p = tl.where(sel_sum > 0, tl.exp(x - sel_max) / sel_sum, 0.0)
-            q = tl.load(q_row + idx, mask=idx < q_len, other=0.0).to(tl.float32)
-            w = tl.maximum(p - q, 0.0)
-            if SEEDED:
-                n = -tl.log(_uniform(seed, offset, idx, b * (K + 1) + num_acc))
-            else:
-                n = tl.load(noise_ptr + b * stride_nb + num_acc * stride_nr + idx, mask=mask, other=1.0)
-                n = n.to(tl.float32)
-            score = tl.where(mask, tl.where(w > 0, w / n, 0.0), -1.0)
-            block_best, block_idx = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
-            take = block_best > race
-            sel_tok = tl.where(take, v0 + block_idx, sel_tok)
-            race = tl.where(take, block_best, race)
-
     tl.store(num_acc_ptr + b, num_acc.to(tl.int64))
-    tl.store(next_tok_ptr + b, sel_tok.to(tl.int64))
+    if SAMPLING:
+        # The draw itself is spread over the vocabulary by `_residual_draw_kernel`, launched next.
+        tl.store(sel_max_ptr + b, tl.max(tl.where(chosen, row_max, float("-inf")), 0))
+        tl.store(sel_sum_ptr + b, tl.sum(tl.where(chosen, row_sum, 0.0), 0))
+    else:
+        tl.store(next_tok_ptr + b, tl.max(tl.where(chosen, row_tok, 0), 0).to(tl.int64))
+    tl.store(counter_ptr + b, 0)
+
+
+@triton.jit(do_not_specialize=["seed", "offset_val", "temperature", "K", "V", "split_len", "S"])
+def _residual_draw_kernel(
+    logits_ptr, stride_lb, stride_lr,
+    q_ptr, stride_qb, stride_qk,
+    noise_ptr, stride_nb, stride_nr,
+    temperature, seed, offset_val, offset_ptr,
+    num_acc_ptr, sel_max_ptr, sel_sum_ptr,
+    part_score_ptr, part_idx_ptr, counter_ptr, next_tok_ptr,
+    K, V, split_len, S,
+    S_PAD: tl.constexpr, BLOCK_V: tl.constexpr, SEEDED: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+):
+    """Grid (S, B): the sampled token of row num_accepted[b], an exponential race (residual max(p - q, 0)
+    after a rejection, p for the bonus row, q masked to 0) over vocabulary split s; the last program of
+    sequence b combines the splits. A launch of its own, since the row to draw from is known only once every
+    program of the verify launch is done; one program drawing over all of V took ~170 us on an H100."""
+    s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    if OFFSET_FROM_PTR:
+        offset = tl.load(offset_ptr).to(tl.int64)
+    else:
+        offset = offset_val.to(tl.int64)
+    num_acc = tl.load(num_acc_ptr + b)
+    sel_max = tl.load(sel_max_ptr + b)
+    sel_sum = tl.load(sel_sum_ptr + b)
+    row_ptr = logits_ptr + b * stride_lb + num_acc * stride_lr
+    q_row = q_ptr + b * stride_qb + tl.minimum(num_acc, K - 1) * stride_qk
+    q_len = tl.where(num_acc < K, V, 0)
+    start = s * split_len
+    end = tl.minimum(start + split_len, V)
+    race = -1.0
+    best_idx = 0
+    for v0 in range(start, end, BLOCK_V):
+        idx = v0 + offs
+        mask = idx < end
+        x = _load_row_x(row_ptr, idx, mask, temperature, True)
+        p = tl.where(sel_sum > 0, tl.exp(x - sel_max) / sel_sum, 0.0)
+        q = tl.load(q_row + idx, mask=idx < q_len, other=0.0).to(tl.float32)
+        w = tl.maximum(p - q, 0.0)
+        if SEEDED:
+            n = -tl.log(_uniform(seed, offset, idx, b * (K + 1) + num_acc))
+        else:
+            n = tl.load(noise_ptr + b * stride_nb + num_acc * stride_nr + idx, mask=mask, other=1.0)
+            n = n.to(tl.float32)
+        score = tl.where(mask, tl.where(w > 0, w / n, 0.0), -1.0)
+        block_best, block_idx = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
+        take = block_best > race  # strict: the earlier block keeps a tie
+        best_idx = tl.where(take, v0 + block_idx, best_idx)
+        race = tl.where(take, block_best, race)
+    tl.store(part_score_ptr + b * S + s, race)
+    tl.store(part_idx_ptr + b * S + s, best_idx)
+
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if ticket != S - 1:
+        return
+    offs_s = tl.arange(0, S_PAD)
+    # Every split holds an in-vocabulary token (score >= 0), so the padding's -2 never wins.
+    scores = tl.load(part_score_ptr + b * S + offs_s, mask=offs_s < S, other=-2.0, cache_modifier=".cg")
+    idxs = tl.load(part_idx_ptr + b * S + offs_s, mask=offs_s < S, other=V, cache_modifier=".cg")
+    # Splits are in vocabulary order: the lowest index among tied scores, as one pass over V would pick.
+    token = tl.min(tl.where(scores == tl.max(scores, 0), idxs, V), 0)
+    tl.store(next_tok_ptr + b, token.to(tl.int64))
     tl.store(counter_ptr + b, 0)
 
 
@@ -265,6 +305,12 @@ class _Workspace:
     part_cnt: torch.Tensor
     part_top: torch.Tensor
     counter: torch.Tensor
+    # The residual draw's: row num_accepted's softmax max and sum, per-split race partials, arrivals.
+    sel_max: torch.Tensor
+    sel_sum: torch.Tensor
+    race_score: torch.Tensor
+    race_idx: torch.Tensor
+    race_counter: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -298,10 +344,12 @@ def launch_config(batch: int, k: int, vocab: int, device: torch.device) -> Launc
     return LaunchConfig(triton.cdiv(vocab, split_len), split_len, block_v, block_d, num_warps)
 
 
-def _workspace(out: VerifyOutput, batch: int, k: int, splits: int, device: torch.device) -> _Workspace:
+def _workspace(out: VerifyOutput, batch: int, k: int, splits: int, race_splits: int,
+               device: torch.device) -> _Workspace:
     ws = out.workspace
     shape = (batch, k + 1, splits)
-    if not isinstance(ws, _Workspace) or tuple(ws.part_max.shape) != shape or ws.counter.device != device:
+    if (not isinstance(ws, _Workspace) or tuple(ws.part_max.shape) != shape
+            or tuple(ws.race_score.shape) != (batch, race_splits) or ws.counter.device != device):
         ws = _Workspace(
             part_max=torch.empty(shape, dtype=torch.float32, device=device),
             part_idx=torch.empty(shape, dtype=torch.int32, device=device),
@@ -309,16 +357,21 @@ def _workspace(out: VerifyOutput, batch: int, k: int, splits: int, device: torch
             part_cnt=torch.empty(shape, dtype=torch.int32, device=device),
             part_top=torch.empty(shape, dtype=torch.float32, device=device),
             counter=torch.zeros(batch, dtype=torch.int32, device=device),
+            sel_max=torch.empty(batch, dtype=torch.float32, device=device),
+            sel_sum=torch.empty(batch, dtype=torch.float32, device=device),
+            race_score=torch.empty(batch, race_splits, dtype=torch.float32, device=device),
+            race_idx=torch.empty(batch, race_splits, dtype=torch.int32, device=device),
+            race_counter=torch.zeros(batch, dtype=torch.int32, device=device),
         )
         out.workspace = ws
     return ws
 
 
-def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
+def _launch(inp: VerifyInputs, cfg: LaunchConfig, race_cfg: LaunchConfig) -> VerifyOutput:
     out = inp.out
     logits, draft = inp.logits, inp.draft_tokens
     b, k, v = inp.batch, inp.k, inp.vocab
-    ws = _workspace(out, b, k, cfg.splits, logits.device)
+    ws = _workspace(out, b, k, cfg.splits, race_cfg.splits, logits.device)
     # Unused pointer arguments get any tensor: the constexpr flags compile their loads away.
     q = inp.draft_probs if inp.draft_probs is not None else logits
     u = inp.uniforms if inp.uniforms is not None else logits
@@ -333,7 +386,6 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         draft, draft.stride(0), draft.stride(1),
         q, q.stride(0), q.stride(1),
         u, u.stride(0), u.stride(1),
-        noise, noise.stride(0), noise.stride(1),
         f1, f1.stride(0), f1.stride(1), f1.shape[2] if inp.features else 0,
         f2, f2.stride(0), f2.stride(1), f2.shape[2] if len(inp.features) > 1 else 0,
         w, inp.judge_bias, inp.threshold, inp.temperature if inp.sampling else 1.0,
@@ -343,7 +395,7 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         inp.offset if offset_is_tensor else ws.counter,
         ws.part_max, ws.part_idx, ws.part_sum, ws.part_cnt, ws.part_top, ws.counter,
         out.num_accepted, out.next_token, out.target_ok.view(torch.int8), out.judge_ok.view(torch.int8),
-        out.judge_prob,
+        out.judge_prob, ws.sel_max, ws.sel_sum,
         k, v, cfg.split_len, cfg.splits,
         # R_PAD sizes phase 2's row tile: one compile per power of two of K+1, not one per K.
         S_PAD=triton.next_power_of_2(cfg.splits), R_PAD=triton.next_power_of_2(k + 1),
@@ -352,6 +404,19 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig) -> VerifyOutput:
         SEEDED=seeded, OFFSET_FROM_PTR=offset_is_tensor,
         num_warps=cfg.num_warps,
     )
+    if inp.sampling:
+        _residual_draw_kernel[(race_cfg.splits, b)](
+            logits, logits.stride(0), logits.stride(1),
+            q, q.stride(0), q.stride(1),
+            noise, noise.stride(0), noise.stride(1),
+            inp.temperature, inp.seed or 0, 0 if offset_is_tensor else int(inp.offset),
+            inp.offset if offset_is_tensor else ws.counter,
+            out.num_accepted, ws.sel_max, ws.sel_sum,
+            ws.race_score, ws.race_idx, ws.race_counter, out.next_token,
+            k, v, race_cfg.split_len, race_cfg.splits,
+            S_PAD=triton.next_power_of_2(race_cfg.splits), BLOCK_V=race_cfg.block_v, SEEDED=seeded,
+            OFFSET_FROM_PTR=offset_is_tensor, num_warps=race_cfg.num_warps,
+        )
     return out
 
 
@@ -373,7 +438,8 @@ def verify(
     topk_alpha: float = 0.0,
     out: VerifyOutput | None = None,
 ) -> VerifyOutput:
-    """Fused verify step (one Triton launch, no host sync); semantics in ``autojudge.kernels.common``.
+    """Fused verify step (one Triton launch, two when sampling; no host sync); semantics in
+    ``autojudge.kernels.common``.
 
     target_logits [B, K+1, V] fp32/bf16/fp16 (only the last dim must be contiguous);
     draft_tokens [B, K] int; judge_features a [B, K, D] tensor or a tuple of two [B, K, Di]
@@ -381,8 +447,8 @@ def verify(
     ``offset`` may be a one-element int64 device tensor that the caller advances in place, so a
     CUDA graph replay draws fresh randomness. ``topk`` > 0 (with ``topk_alpha``) replaces the
     judge by the top-k rule in ``judge_ok`` / ``judge_prob``. Pass ``out`` (e.g.
-    ``VerifyOutput.empty``) to reuse buffers and scratch across cycles: then the step is exactly
-    one launch with no allocation.
+    ``VerifyOutput.empty``) to reuse buffers and scratch across cycles: then the step is its
+    launches with no allocation.
     """
     inp = prepare_inputs(
         target_logits, draft_tokens, judge_features=judge_features, judge_weight=judge_weight,
@@ -392,4 +458,6 @@ def verify(
     device = inp.logits.device
     if device.type == "cpu" and not interpreted():
         raise AutojudgeError(INTERPRET_HINT)
-    return _launch(inp, launch_config(inp.batch, inp.k, inp.vocab, device))
+    # The residual draw reads one row per sequence: its own, wider split of V.
+    return _launch(inp, launch_config(inp.batch, inp.k, inp.vocab, device),
+                   launch_config(inp.batch, 0, inp.vocab, device))
