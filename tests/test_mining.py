@@ -507,3 +507,30 @@ def test_mismatch_pairs_report_counts_pairs_and_token_kinds(tmp_path, tiny_qwen)
     assert "5 mismatches from 2 problems, 3 important (60%)" in out.stdout
     assert '| "7" -> "a" | 2 |' in out.stdout and '| "a" -> "7" | 2 |' in out.stdout
     assert "| number | 2 | 100% |" in out.stdout and "| word | 3 | 33% |" in out.stdout
+
+
+def test_mining_summary_counts_finished_and_checkpointed_problems(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mining_summary", Path(__file__).parents[1] / "bench" / "mining_summary.py")
+    summary_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_module)
+    path = tmp_path / "labels.jsonl"
+    cost = {"generated_tokens": 30, "reused_tokens": 10}
+    with LabelStore(path, META, resume=False) as store:
+        for pid, importance in (("a", [True, False, False]), ("b", [False])):
+            store.checkpoint({"kind": "answer", "problem_id": pid})
+            labels = [{"kind": "label", "problem_id": pid, "important": i} for i in importance]
+            store.add_problem(labels, {"kind": "problem", "problem_id": pid, "correct": pid == "a", "answer_ids": [1] * 8,
+                                       "n_mismatches": len(labels), "n_important": sum(importance), "cost": cost,
+                                       "wall_s": 7200.0, "batch_size": 4})
+        store.checkpoint({"kind": "answer", "problem_id": "c"})
+        for important in (True, True, False):
+            store.checkpoint({"kind": "step", "problem_id": "c", "label": {"important": important}})
+    problems = summary_module.per_problem(read_rows(path))
+    assert problems[0] == ["a", True, 8, 3, 1, 30, 10, 2.0, 4]
+    table = dict(summary_module.summary(problems, summary_module.inflight(path)))
+    assert table["finished problems (with labels)"] == "2 (2)"
+    assert table["labels, important"] == "4, 1 (25.0%)"
+    assert table["generated / reused tokens per label"] == "15 / 5"
+    assert table["unfinished, checkpointed: problems, labels (important)"] == "1, 3 (2)"

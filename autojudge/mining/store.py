@@ -42,7 +42,7 @@ def _differs(old: dict, new: dict, key: str) -> bool:
     return before != now
 
 
-def _inflight_rows(path: Path, done: set[str]) -> dict[str, list[dict]]:
+def inflight_rows(path: Path, done: set[str]) -> dict[str, list[dict]]:
     """Problem id -> checkpoint rows of each unfinished problem, from its `answer` row on; a torn tail is dropped."""
     rows: dict[str, list[dict]] = {}
     if not path.exists():
@@ -125,7 +125,7 @@ class LabelStore:
                 f.truncate(end)
                 os.fsync(f.fileno())
             self._file = open(self.path, "ab")
-            self.resumed = _inflight_rows(self.inflight_path, self.done)
+            self.resumed = inflight_rows(self.inflight_path, self.done)
         else:
             self._file = open(self.path, "wb")
             self._write(self._file, [{"kind": "meta", **meta}])
