@@ -1,6 +1,7 @@
 """`autojudge eval`: aggregation numbers, the resumable rows file, the CLI end to end, bad input."""
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from autojudge.commands import main
 from autojudge.engine.engine import GenerationStats
 from autojudge.errors import AutojudgeError
 from autojudge.eval import runner
-from autojudge.eval.report import aggregate, markdown_table, plot_pareto
+from autojudge.eval.report import aggregate, markdown_table, paired_difference, plot_pareto
 from autojudge.eval.runner import Run, parse_modes, parse_thresholds, plan_runs, validate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,10 +55,41 @@ def test_markdown_and_plot(tmp_path):
     results = aggregate(ROWS)
     lines = markdown_table(results).splitlines()
     assert len(lines) == 2 + 3 and lines[0].startswith("| mode | threshold |")
-    assert lines[2] == "| target | - | - | 2 | 0.500 | - | 13.3 | - | - | 20.0 | 4.0 |"
-    assert lines[3] == "| autojudge | 0.2 | - | 2 | 1.000 | 2.50 | 16.0 | - | 0.375 | 16.0 | 2.5 |"
+    assert lines[2] == "| target | - | - | 2 | 0.500 | - | - | - | 13.3 | - | - | 20.0 | 4.0 |"
+    assert lines[3] == ("| autojudge | 0.2 | - | 2 | 1.000 | 0/1 +0.500 [-0.480, +1.480] | - | 2.50 | 16.0 | - "
+                        "| 0.375 | 16.0 | 2.5 |")
+    assert lines[4].startswith("| autojudge | 0.5 | - | 1 | 0.000 | 1/0 -1.000 | - | 7.00 |")
     plot_pareto(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_paired_difference_counts_discordant_problems_and_its_interval():
+    reference = {f"p{i}": i < 5 for i in range(16)}  # solves p0-p4
+    # Loses p0, wins p5-p7: +2/16, sample variance (4 - 16 * 0.125**2) / 15 of the per-problem differences.
+    mode = {**reference, "p0": False, "p5": True, "p6": True, "p7": True}
+    result = paired_difference(mode, reference)
+    half = 1.959963984540054 * math.sqrt((4 - 16 * 0.125**2) / 15 / 16)
+    assert (result["n"], result["lost"], result["won"], result["difference"]) == (16, 1, 3, 0.125)
+    assert result["ci95"] == pytest.approx([0.125 - half, 0.125 + half])
+    assert [round(x, 2) for x in result["ci95"]] == [-0.12, 0.37]  # bench/RESULTS.md, judge mode at n = 16
+    # Only problems both runs decoded are paired; agreeing everywhere is a zero-width interval.
+    assert paired_difference({"p0": True, "x": False}, reference) == {
+        "n": 1, "won": 0, "lost": 0, "difference": 0.0, "ci95": None}
+    assert paired_difference(reference, reference)["ci95"] == [0.0, 0.0]
+    assert paired_difference({"x": True}, reference) is None
+
+
+def test_aggregate_pairs_every_mode_against_target_and_speculative():
+    rows = [_row(mode, tau, pid, ok, 10, 2, 4, 0, 1.0, 1.0)
+            for mode, tau, answers in (("target", None, (True, False, True)), ("speculative", None, (True, True, True)),
+                                       ("topk", 0.3, (False, True, True)))
+            for pid, ok in zip(("a", "b", "c"), answers)]
+    target, spec, topk = aggregate(rows)
+    assert "vs_target" not in target and "vs_speculative" not in spec
+    assert target["vs_speculative"]["difference"] == pytest.approx(-1 / 3)
+    assert (spec["vs_target"]["won"], spec["vs_target"]["lost"]) == (1, 0)
+    assert (topk["vs_target"]["won"], topk["vs_target"]["lost"], topk["vs_target"]["difference"]) == (1, 1, 0.0)
+    assert (topk["vs_speculative"]["won"], topk["vs_speculative"]["lost"]) == (0, 1)
 
 
 def test_plan_sweeps_stored_recall_thresholds_sorted():
@@ -147,7 +179,7 @@ def test_cli_report_table_plot_and_resume(tmp_path, dataset, fake):
         assert {"threshold", "judge_rescues_per_cycle", "wall_s", "mean_new_tokens"} <= set(r)
     assert target["accepted_per_cycle"] is None and spec["accepted_per_cycle"] == 2.5
     assert spec["judge_rescues_per_cycle"] == 0.0
-    assert "| speculative | - | - | 3 | 0.667 | 2.50 | 16.0 | - | 0.000 | 8.0 |" in result.stdout
+    assert "| speculative | - | - | 3 | 0.667 | 0/0 +0.000 [+0.000, +0.000] | - | 2.50 | 16.0 | - | 0.000 | 8.0 |" in result.stdout
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
     rows_file = tmp_path / "report.json.partial.jsonl"

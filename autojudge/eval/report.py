@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,13 +14,42 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+# The lossless references a lossy mode's accuracy is paired against: target-only decoding, and speculative
+# decoding, which in bf16 drifts from it by rounding.
+REFERENCE_MODES = ("target", "speculative")
+_Z95 = 1.959963984540054
+
+
+def paired_difference(correct: dict[str, bool], reference: dict[str, bool]) -> dict | None:
+    """Accuracy of `correct` minus that of `reference` on the problems both decoded, with a 95% interval.
+
+    Per problem the difference is +1 (won: only `correct` solved it), -1 (lost) or 0; the interval is the normal
+    one on their mean with the sample variance. Pairing removes the spread of problem difficulty, which both
+    runs share: what is left is how often the two disagree, so the interval is much narrower than one per run.
+    """
+    common = [pid for pid in correct if pid in reference]
+    n = len(common)
+    if not n:
+        return None
+    won = sum(correct[pid] and not reference[pid] for pid in common)
+    lost = sum(reference[pid] and not correct[pid] for pid in common)
+    diff = (won - lost) / n
+    half = None
+    if n > 1:
+        variance = max((won + lost - n * diff * diff) / (n - 1), 0.0)
+        half = _Z95 * math.sqrt(variance / n)
+    return {"n": n, "won": won, "lost": lost, "difference": diff,
+            "ci95": None if half is None else [diff - half, diff + half]}
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One result per (mode, threshold), in order of first appearance.
 
     Rates are ratios of sums over the rows (accepted / cycles, tokens / seconds), so long answers weigh more.
     `tokens_per_second` is single-stream speed, from the rows decoded alone; `batch_tokens_per_second` is what a
     batched run served, its rows' tokens over their summed wall time (each row holds the time since the previous
-    one finished).
+    one finished). Every other result is paired against each reference mode that ran (`vs_target`,
+    `vs_speculative`: `paired_difference`).
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -45,6 +75,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "new_tokens": new_tokens, "mean_new_tokens": new_tokens / n,
             "decode_s": sum(r["decode_s"] for r in group), "wall_s": sum(r["wall_s"] for r in group),
         })
+    by_problem = {key: {r["problem_id"]: bool(r["correct"]) for r in group} for key, group in groups.items()}
+    for result in results:
+        key = (result["mode"], result["threshold"])
+        for ref in REFERENCE_MODES:
+            if (ref, None) in by_problem and key != (ref, None):
+                result[f"vs_{ref}"] = paired_difference(by_problem[key], by_problem[ref, None])
     return results
 
 
@@ -69,14 +105,22 @@ def _label(result: dict) -> str:
     return f"{result['mode']} {result['threshold']:.3g}"
 
 
+def _paired(comparison: dict | None) -> str:
+    if comparison is None:
+        return "-"
+    interval = "" if comparison["ci95"] is None else " [{:+.3f}, {:+.3f}]".format(*comparison["ci95"])
+    return f"{comparison['lost']}/{comparison['won']} {comparison['difference']:+.3f}{interval}"
+
+
 def markdown_table(results: list[dict]) -> str:
-    header = ("| mode | threshold | recall | n | accuracy | accepted/cycle | tokens/s | batch tokens/s "
-              "| rescues/cycle | mean new tokens | wall s |")
+    header = ("| mode | threshold | recall | n | accuracy | lost/won, Δ vs target (95%) | lost/won, Δ vs speculative "
+              "(95%) | accepted/cycle | tokens/s | batch tokens/s | rescues/cycle | mean new tokens | wall s |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         lines.append(
             f"| {r['mode']} | {_fmt(r['threshold'], '.4g')} | {_fmt(r['recall'], 'g')} | {r['n']} "
-            f"| {r['accuracy']:.3f} | {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['tokens_per_second'], '.1f')} "
+            f"| {r['accuracy']:.3f} | {_paired(r.get('vs_target'))} | {_paired(r.get('vs_speculative'))} "
+            f"| {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['tokens_per_second'], '.1f')} "
             f"| {_fmt(r.get('batch_tokens_per_second'), '.1f')} | {_fmt(r['judge_rescues_per_cycle'], '.3f')} "
             f"| {r['mean_new_tokens']:.1f} | {r['wall_s']:.1f} |"
         )
