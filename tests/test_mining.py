@@ -115,6 +115,36 @@ def test_labels_follow_the_greedy_algorithm(mined):
             assert label["important"] == (label["alt_answer"] != label["ref_answer"])
 
 
+def test_each_label_is_the_first_mismatch_after_the_previous(engine, mined):
+    """Checked against a full draft pass over each label's prefix, whatever pieces the search asked for."""
+    common = min(engine.target.config.vocab_size, engine.draft.config.vocab_size)
+    for result in mined:
+        prompt = result.labels[0]["prompt_ids"] if result.labels else []
+        left = 0
+        for label in result.labels:
+            ids = prompt + label["prefix_ids"] + [label["target_token"]]
+            logits, _ = engine.draft.teacher_forced(ids)
+            greedy = logits[:, :common].argmax(-1).tolist()  # greedy[t]: the draft's token for position t + 1
+            answer_greedy = greedy[len(prompt) - 1 : len(ids) - 1]
+            answer = ids[len(prompt):]
+            p = label["position"]
+            assert answer_greedy[left:p] == answer[left:p] and answer_greedy[p] == label["draft_token"]
+            left = p + 1
+
+
+
+def test_the_draft_predicts_in_pieces_up_to_the_next_mismatch(engine):
+    # Continuations without speculation, so every draft position counted is one the search asked for.
+    results = _mine(engine, replace(MINING, speculative=False, max_new_tokens=60), n=2)
+    drafted = sum(r.cost.draft_positions for r in results)
+    # Predicting to the end after each kept swap, as the search did before, needs at least this many.
+    to_the_end = sum(len(r.record["answer_ids"]) + sum(len(r.record["answer_ids"]) - label["position"] - 1
+                                                      for label in r.labels if not label["important"])
+                     for r in results)
+    # Random weights mismatch every ~5 tokens, so the pieces save less here than on real answers (5-6x there).
+    assert drafted < 0.75 * to_the_end
+
+
 @pytest.mark.parametrize("speculative, reuse", [(False, False), (True, False), (False, True)])
 def test_speed_tricks_do_not_change_labels(engine, mined, speculative, reuse):
     results = _mine(engine, replace(MINING, speculative=speculative, reuse_continuation=reuse))

@@ -38,6 +38,9 @@ _FIRST_CHUNK = 8
 # costs a fixed part plus a part per token, so a long proposal that parts after a few tokens wastes most
 # of its pass (bf16 on the 2-core CPU: ~150 ms + ~8 ms a token, bench/RESULTS.md).
 _FIRST_PROPOSAL = 32
+# Positions the draft predicts in its first piece when looking for the next mismatch (doubled while none is found):
+# mismatches lie ~20 tokens apart on GSM8K answers, and a piece costs its positions plus little else.
+_FIRST_DRAFT_PIECE = 8
 
 
 @dataclass(frozen=True)
@@ -237,10 +240,25 @@ class Miner:
 
     # ------------------------------------------------------------------ mining
 
-    def _draft_predictions(self, ids: list[int], first: int):
-        """Entry p >= first is the draft's greedy token for position p given ids[:p]; earlier entries are None."""
-        greedy = yield Predict("draft", ids, first - 1)
-        return [None] * first + greedy[:-1]
+    def _next_mismatch(self, cur: list[int], left: int, preds: list):
+        """The first position q >= left where the draft's greedy token differs from cur[q] (None if there is none
+        before the end), and `preds` extended: entry q is the draft's greedy token for position q given cur[:q],
+        for left <= q < len(preds) (earlier entries are stale or None).
+
+        The draft is asked for pieces that double from _FIRST_DRAFT_PIECE positions and stops at the first
+        mismatch: a kept swap changes everything after it, so predictions past the mismatch are mostly wasted
+        (on the budget-640 run, predicting to the end after every kept swap cost 5-6x the draft positions)."""
+        piece = _FIRST_DRAFT_PIECE
+        while True:
+            q = next((q for q in range(left, len(preds)) if cur[q] != preds[q]), None)
+            if q is not None or len(preds) >= len(cur):
+                return q, preds
+            known = max(len(preds), left)
+            end = min(known + piece, len(cur))
+            # Predictions for positions known..end; the last one looks past cur's end when end == len(cur).
+            greedy = yield Predict("draft", cur[:end], known - 1)
+            preds = preds[:known] + [None] * (known - len(preds)) + greedy[: len(cur) - known]
+            piece *= 2
 
     def _check(self, problem: Problem, response: list[int], cost: Cost):
         t0 = time.perf_counter()
@@ -292,7 +310,7 @@ class Miner:
         """Swap in the draft's token at each mismatch, left to right, and keep the swap if `ref` survives.
         `done_steps`: checkpointed steps of an interrupted search, replayed without model calls."""
         budget, n0 = self.options.max_new_tokens, len(prompt_ids)
-        cur, left, preds, labels = prompt_ids + answer, n0, None, []
+        cur, left, preds, labels = prompt_ids + answer, n0, [], []
         for step in done_steps:
             label = step["label"]
             p = n0 + label["position"]
@@ -303,8 +321,7 @@ class Miner:
             if cur[p] in self.engine.eos_token_ids:
                 return labels
         while True:
-            preds = preds or (yield from self._draft_predictions(cur, left))
-            p = next((q for q in range(left, len(cur)) if cur[q] != preds[q]), None)
+            p, preds = yield from self._next_mismatch(cur, left, preds)
             if p is None:
                 break
             alt = cur[:p] + [preds[p]]
@@ -321,7 +338,7 @@ class Miner:
             kept = alt_answer == ref
             self._checkpoint("step", problem, cost, elapsed(), label=label, continuation=continuation if kept else None)
             if kept:
-                cur, preds = alt, None
+                cur, preds = alt, preds[: p + 1]
             left = p + 1
             if cur[p] in self.engine.eos_token_ids:
                 break
