@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from autojudge import Engine
@@ -15,6 +16,7 @@ from autojudge.commands.mine import mine, parse_shard, select_problems
 from autojudge.errors import AutojudgeError
 from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Cost, Miner, MiningOptions
+from autojudge.mining.snapshots import CacheSnapshots
 from autojudge.mining.store import LabelStore, read_rows
 from autojudge.tasks.datasets import Problem
 
@@ -30,13 +32,16 @@ def parity(problem, text):
 
 
 def parity_logged(problem, text):
-    """`parity`, logging each call to $MINING_TEST_CALLS and dying as kill -9 would at call $MINING_TEST_DIE_AT."""
+    """`parity`, logging each call to $MINING_TEST_CALLS, dying as kill -9 would at call $MINING_TEST_DIE_AT and
+    sent SIGTERM at call $MINING_TEST_TERM_AT."""
     with open(os.environ["MINING_TEST_CALLS"], "a+") as log:
         log.write(problem.problem_id + "\n")
         log.seek(0)
         calls = len(log.readlines())
     if calls == int(os.environ.get("MINING_TEST_DIE_AT", 0)):
         os._exit(137)
+    if calls == int(os.environ.get("MINING_TEST_TERM_AT", 0)):
+        os.kill(os.getpid(), signal.SIGTERM)
     return parity(problem, text)
 
 
@@ -226,6 +231,91 @@ def test_batched_mining_resumes_interrupted_searches(engine):
     assert sorted(together) == sorted(checkpoints)
     for pid, (full, _) in checkpoints.items():
         assert _comparable_result(together[pid]) == _comparable_result(full), pid
+
+
+def test_cache_row_state_round_trips_and_refuses_another_shape(engine):
+    decoder = engine.target
+    decoder.ensure_rows(2)
+    ids = engine.encode_prompt("Question 7: what is 7 + 7?")
+    n = len(ids)
+    decoder.forward_packed(torch.tensor(ids), [(0, 0, n)])
+    state = decoder.row_state(0, n)
+    layers, kv_heads, head_dim = decoder.config.num_layers, decoder.config.num_kv_heads, decoder.config.head_dim
+    assert state["k"].shape == state["v"].shape == (layers, kv_heads, n, head_dim)
+    decoder.load_row_state(1, state)
+    # Row 1 now continues the prompt from its loaded cache exactly as row 0 does from the one it computed.
+    nxt = torch.tensor([5, 9])
+    from_computed = decoder.forward_packed(nxt, [(0, n, 2)])
+    from_loaded = decoder.forward_packed(nxt, [(1, n, 2)])
+    assert torch.equal(from_computed, from_loaded)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder.load_row_state(1, {"k": state["k"][:, :, :, :-1], "v": state["v"][:, :, :, :-1]})
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder.load_row_state(1, {"k": state["k"].double(), "v": state["v"].double()})
+
+
+def _interrupting(after_calls):
+    calls = []
+
+    def checker(problem, text):
+        calls.append(problem.problem_id)
+        if len(calls) == after_calls:
+            raise KeyboardInterrupt  # what SIGTERM turns into (commands/mine.py)
+        return parity(problem, text)
+    return checker
+
+
+def _counting_tokens(engine, monkeypatch):
+    """Counts the tokens each model's packed forwards run."""
+    counts = {"target": 0, "draft": 0}
+    for model, decoder in (("target", engine.target), ("draft", engine.draft)):
+        original = decoder.forward_packed
+
+        def counted(tokens, rows, model=model, original=original):
+            counts[model] += len(tokens)
+            return original(tokens, rows)
+        monkeypatch.setattr(decoder, "forward_packed", counted)
+    return counts
+
+
+def test_an_interrupted_batch_resumes_from_its_cache_snapshots(engine, tmp_path, monkeypatch):
+    options = replace(MINING, max_new_tokens=40)
+    problems = _problems(5)
+    items = [(p, engine.encode_prompt(p.question)) for p in problems]
+    reference = {pid: full for pid, (full, _) in _checkpoints(engine, options, problems).items()}
+    snapshots = CacheSnapshots(tmp_path / "kv", "run-a")
+    rows, finished = {}, {}
+
+    def checkpoint(row):
+        rows.setdefault(row["problem_id"], []).append(row)
+
+    interrupted = Miner(engine, _interrupting(after_calls=7), options, on_checkpoint=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        mine_all(interrupted, items, 3, lambda problem, result: finished.__setitem__(problem.problem_id, result),
+                 snapshots=snapshots)
+    in_flight = [pid for pid in rows if pid not in finished]
+    assert len(in_flight) == 3 and len(list((tmp_path / "kv").glob("*.safetensors"))) == 3
+    resumed = {pid: rows[pid] for pid in in_flight}
+    todo = [item for item in items if item[0].problem_id not in finished]
+
+    def resume(snapshots):
+        counts = _counting_tokens(engine, monkeypatch)
+        results = {}
+        mine_all(Miner(engine, parity, options), todo, 3,
+                 lambda problem, result: results.__setitem__(problem.problem_id, result), resumed, snapshots)
+        monkeypatch.undo()
+        return results, counts
+
+    # Another run's snapshots are ignored, and cost nothing but the prefill they would have saved.
+    cold, cold_counts = resume(CacheSnapshots(tmp_path / "kv", "run-b"))
+    assert len(list((tmp_path / "kv").glob("*.safetensors"))) == 3
+    warm, warm_counts = resume(snapshots)
+    for results in (cold, warm):
+        assert sorted(results) == sorted(pid for pid in reference if pid not in finished)
+        for pid, result in results.items():
+            assert _comparable_result(result) == _comparable_result(reference[pid]), pid
+    assert warm_counts["target"] < cold_counts["target"] and warm_counts["draft"] < cold_counts["draft"]
+    assert not list((tmp_path / "kv").glob("*"))  # a finished problem's snapshot is dropped
 
 
 def test_store_keeps_the_checkpoints_of_unfinished_problems(tmp_path):
@@ -492,6 +582,34 @@ def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset
     assert code == 0, output
     assert _by_problem(interrupted) == _by_problem(reference)
     assert len(killed_calls) + len(resumed_calls) == len(reference_calls) + 1
+
+
+def test_sigterm_saves_cache_snapshots_and_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_path):
+    batch = ["--batch-size", "3"]
+
+    def run(out, *extra, **env):
+        args = [a if a != "test_mining:parity" else "test_mining:parity_logged"
+                for a in _args(tiny_pair, dataset, out, *batch, *extra)]
+        process = _spawn(args, MINING_TEST_CALLS=str(out) + ".calls", **env)
+        return process.wait(timeout=300), process.stdout.read().decode()
+
+    reference, interrupted, kv = tmp_path / "reference.jsonl", tmp_path / "interrupted.jsonl", tmp_path / "kv"
+    assert run(reference)[0] == 0
+    checks = Path(f"{reference}.calls").read_text().split()
+    code, output = run(interrupted, "--snapshot-dir", str(kv), MINING_TEST_TERM_AT=str(len(checks) // 2))
+    assert code == 130 and f"saved in {kv}" in output and "Traceback" not in output, output
+    assert 0 < len(read_rows(interrupted, "problem")) < len(read_rows(reference, "problem"))
+    assert len(list(kv.glob("*.safetensors"))) == 3  # one a row: every row had a problem in flight
+    code, output = run(interrupted, "--snapshot-dir", str(kv), "--resume")
+    assert code == 0, output
+    assert _by_problem(interrupted) == _by_problem(reference)
+    assert not list(kv.iterdir())
+
+
+def test_snapshot_dir_needs_a_batch(tiny_pair, dataset, tmp_path):
+    result = CliRunner().invoke(mine, _args(tiny_pair, dataset, tmp_path / "o.jsonl", "--snapshot-dir", "kv"))
+    assert isinstance(result.exception, AutojudgeError) and "--batch-size 2" in str(result.exception)
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_cli_resume_refuses_weights_changed_under_the_same_path(tiny_pair, dataset, tmp_path, monkeypatch):

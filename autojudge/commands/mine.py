@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import signal
+from contextlib import contextmanager
 
 import click
 
@@ -11,7 +13,8 @@ from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.errors import AutojudgeError
 from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Miner, MiningOptions
-from autojudge.mining.store import LabelStore
+from autojudge.mining.snapshots import CacheSnapshots, run_identity
+from autojudge.mining.store import RESUME_KEYS, LabelStore
 from autojudge.progress import progress
 from autojudge.tasks.checkers import Checker, gsm8k_checker, humaneval_checker, load_checker
 from autojudge.tasks.datasets import Problem, load_dataset
@@ -46,8 +49,21 @@ def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_token
         )
 
 
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a session's end, `kill`) interrupts like Ctrl-C, so the run saves what it can before it exits."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
-               options: MiningOptions, batch_size: int = 1) -> dict:
+               options: MiningOptions, batch_size: int = 1, snapshots: CacheSnapshots | None = None) -> dict:
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
     # Interrupted problems first: their searches are the furthest along.
     todo.sort(key=lambda item: item[0].problem_id not in store.resumed)
@@ -75,7 +91,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
                             important=f"{totals['important'] / max(totals['labels'], 1):.2f}")
             bar.update(1)
 
-        mine_all(miner, todo, batch_size, keep, store.resumed)
+        mine_all(miner, todo, batch_size, keep, store.resumed, snapshots)
     return totals
 
 
@@ -104,12 +120,18 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
                    "final answer for swaps to keep or change.")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Problems mined at once, their model calls sharing forward passes (same labels as 1).")
+@click.option("--snapshot-dir", type=click.Path(file_okay=False), default=None,
+              help="With --batch-size > 1: on Ctrl-C or SIGTERM save the KV cache rows of the problems in flight "
+                   "here (~80 KB a token for the default pair), and start resumed problems from them: --resume "
+                   "then skips their prefill.")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
-         speculative, reuse_continuation, skip_truncated, batch_size, checker_spec, **engine_kwargs):
+         speculative, reuse_continuation, skip_truncated, batch_size, snapshot_dir, checker_spec, **engine_kwargs):
     """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
     shard = parse_shard(shard)
+    if snapshot_dir is not None and batch_size == 1:
+        raise AutojudgeError("--snapshot-dir saves the cache rows of batched mining; add --batch-size 2 or more")
     split = split or ("test" if dataset == "humaneval" else "train")
     problems = select_problems(load_dataset(dataset, split), limit, shard)
     if engine_kwargs.get("draft") in (None, "none"):
@@ -131,8 +153,14 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
                             reuse_continuation=reuse_continuation, skip_truncated=skip_truncated)
     prompts = [engine.encode_prompt(build_messages(p, prompt_template)) for p in problems]
     _check_fits(problems, prompts, max_new_tokens, engine.target.max_seq_len)
-    with LabelStore(out, meta, resume) as store:
-        totals = run_mining(engine, problems, prompts, checker, store, options, batch_size)
+    snapshots = CacheSnapshots(snapshot_dir, run_identity(meta, RESUME_KEYS)) if snapshot_dir else None
+    with LabelStore(out, meta, resume) as store, _sigterm_interrupts():
+        try:
+            totals = run_mining(engine, problems, prompts, checker, store, options, batch_size, snapshots)
+        except KeyboardInterrupt:
+            saved = f"; cache rows of the problems in flight saved in {snapshot_dir}" if snapshots else ""
+            click.echo(f"finished problems and labels so far are in {out} (--resume goes on){saved}", err=True)
+            raise
     ratio = totals["important"] / max(totals["labels"], 1)
     click.echo(f"mined {totals['problems']} problems: {totals['labels']} labels, {ratio:.1%} important, "
                f"target correct on {totals['correct']}, {totals['truncated']} answers cut by the budget, "

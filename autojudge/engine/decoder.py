@@ -104,6 +104,34 @@ class Decoder:
             self.cached_len = 0  # as in forward_rows
         return self.model.forward_packed(tokens, rows)
 
+    def _caches(self):
+        return [layer.self_attn.kv_cache for layer in self.model.model.layers]
+
+    @torch.inference_mode()
+    def row_state(self, row: int, length: int) -> dict[str, torch.Tensor]:
+        """Keys and values of the first `length` slots of cache row `row` (the sdpa layout batched runs use), as
+        CPU tensors [layers, kv heads, length, head dim] ("k", "v"): what `load_row_state` writes back, in this
+        process or a later one."""
+        caches = self._caches()
+        return {"k": torch.stack([c.k[row, :, :length] for c in caches]).cpu(),
+                "v": torch.stack([c.v[row, :, :length] for c in caches]).cpu()}
+
+    @torch.inference_mode()
+    def load_row_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        """Writes a `row_state` into cache row `row`; refuses one of another shape or precision."""
+        caches = self._caches()
+        k, v = state["k"], state["v"]
+        expected = (len(caches), *caches[0].k.shape[1:2], k.shape[2], *caches[0].k.shape[3:])
+        if (k.shape != expected or v.shape != expected or k.dtype != caches[0].k.dtype
+                or v.dtype != k.dtype or k.shape[2] > self.max_seq_len):
+            raise ValueError(f"a cache row state of shape {tuple(k.shape)} {k.dtype} does not fit {self.name}'s "
+                             f"cache ({expected}, {caches[0].k.dtype})")
+        if row == 0:
+            self.cached_len = 0  # as in forward_rows
+        for i, cache in enumerate(caches):
+            cache.k[row, :, : k.shape[2]] = k[i].to(cache.k.device)
+            cache.v[row, :, : v.shape[2]] = v[i].to(cache.v.device)
+
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` already have valid keys/values in the cache (one host read)."""
         n = min(len(ids), self.cached_len)

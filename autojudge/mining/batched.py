@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autojudge.mining.miner import Cost, Generate, Miner, Predict, ProblemResult, Steps
+from autojudge.mining.snapshots import CacheSnapshots
 from autojudge.tasks.datasets import Problem
 
 
@@ -32,20 +33,23 @@ class _Row:
 
 
 def mine_all(miner: Miner, items: list[tuple[Problem, list[int]]], batch_size: int,
-             on_result: Callable[[Problem, ProblemResult], None], resumed: dict[str, list[dict]] | None = None) -> None:
+             on_result: Callable[[Problem, ProblemResult], None], resumed: dict[str, list[dict]] | None = None,
+             snapshots: CacheSnapshots | None = None) -> None:
     """Mines every (problem, prompt ids), `batch_size` problems in flight; on_result as each one finishes.
-    `resumed`: problem id -> checkpoint rows of its interrupted search, which goes on from there."""
+    `resumed`: problem id -> checkpoint rows of its interrupted search, which goes on from there. `snapshots`
+    (batch_size > 1): where the cache rows of the problems in flight go on KeyboardInterrupt, and come from."""
     resumed = resumed or {}
     if batch_size == 1:
         for problem, prompt_ids in items:
             on_result(problem, miner.mine(problem, prompt_ids, resumed.get(problem.problem_id, ())))
         return
-    BatchedMining(miner, batch_size).run(items, on_result, resumed)
+    BatchedMining(miner, batch_size, snapshots).run(items, on_result, resumed)
 
 
 class BatchedMining:
-    def __init__(self, miner: Miner, batch_size: int):
+    def __init__(self, miner: Miner, batch_size: int, snapshots: CacheSnapshots | None = None):
         self.miner = miner
+        self.snapshots = snapshots
         self.decoders = {"target": miner.engine.target, "draft": miner.engine.draft}
         for decoder in self.decoders.values():
             decoder.ensure_rows(batch_size)
@@ -57,17 +61,46 @@ class BatchedMining:
     def run(self, items, on_result, resumed: dict[str, list[dict]]) -> None:
         waiting = deque(items)
         self.on_result = on_result
-        while True:
-            for b in range(self.n):
-                while self.rows[b] is None and waiting:
-                    problem, prompt_ids = waiting.popleft()
-                    cost = Cost()
-                    steps = self.miner.mining_steps(problem, prompt_ids, cost, resumed.get(problem.problem_id, ()))
-                    self.rows[b] = _Row(problem, steps, cost)
-                    self._advance(b, None)
-            if all(row is None for row in self.rows):
-                return
-            self._round()
+        try:
+            while True:
+                for b in range(self.n):
+                    while self.rows[b] is None and waiting:
+                        problem, prompt_ids = waiting.popleft()
+                        cost = Cost()
+                        steps = self.miner.mining_steps(problem, prompt_ids, cost,
+                                                        resumed.get(problem.problem_id, ()))
+                        self.rows[b] = _Row(problem, steps, cost)
+                        self._restore(b, problem.problem_id)
+                        self._advance(b, None)
+                if all(row is None for row in self.rows):
+                    return
+                self._round()
+        except KeyboardInterrupt:
+            self._save_snapshots()
+            raise
+
+    def _restore(self, b: int, problem_id: str) -> None:
+        """Starts row b with the cache rows its problem had when a run was interrupted, if they were saved."""
+        if self.snapshots is None:
+            return
+        for model, (ids, state) in self.snapshots.load(problem_id).items():
+            decoder = self.decoders.get(model)
+            if decoder is None or len(ids) != state["k"].shape[2]:
+                continue
+            try:
+                decoder.load_row_state(b, state)
+            except ValueError:
+                continue  # saved from another shape or precision: the prefill runs as without a snapshot
+            self.cached[model][b] = ids
+
+    def _save_snapshots(self) -> None:
+        if self.snapshots is None:
+            return
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                self.snapshots.save(row.problem.problem_id, {
+                    model: (self.cached[model][b], decoder.row_state(b, len(self.cached[model][b])))
+                    for model, decoder in self.decoders.items()})
 
     def _advance(self, b: int, answer) -> None:
         """Sends row b its answer; stores the next request, or the result when its search has ended."""
@@ -77,6 +110,8 @@ class BatchedMining:
         except StopIteration as stop:
             self.rows[b] = None
             self.on_result(row.problem, stop.value)
+            if self.snapshots is not None:
+                self.snapshots.drop(row.problem.problem_id)
             return
         row.generated = []
 
@@ -125,9 +160,13 @@ class BatchedMining:
             rows.append((b, begin, len(request.ids) - begin))
             tokens += request.ids[begin:]
             self.rows[b].cost.count_forward(model, len(request.ids) - request.start)
-            cached[b] = request.ids
+            # Until the forward has written every layer, the row holds only the prefix it keeps: an interrupt
+            # in between must not snapshot half-written keys/values as the new tokens'.
+            cached[b] = request.ids[:begin]
         device = decoder.device
         hidden = decoder.forward_packed(torch.tensor(tokens, device=device), rows)
+        for b, request in requests.items():
+            cached[b] = request.ids
         with torch.inference_mode():
             logits = decoder.model.lm_head(hidden[torch.tensor(picks, device=device)]).float()
         greedy = self.miner.greedy(model, logits).tolist()

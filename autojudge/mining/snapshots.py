@@ -1,0 +1,77 @@
+"""Cache snapshots: the KV cache rows of the problems in flight, saved when a batched run is interrupted.
+
+Resuming a search (store.py) replays its labels without model calls, but each row's cache starts empty: the
+prompt, the answer and the continuation so far run through both models again before the row labels anything.
+At batch 64 on the 2-core CPU that prefill took ~25 minutes of every restart. A snapshot holds, per problem and
+model, the tokens a cache row held and their keys/values; a resumed row that gets its problem's snapshot starts
+with them in its cache, and the usual prefix check (`BatchedMining._predict`) recomputes only what differs.
+
+Keys/values depend on nothing but the model, its precision and the tokens, so a snapshot stays right for its
+tokens however far the labels file has moved on since: one from an older interrupt still saves its prefix.
+A snapshot of another run (other models, data or budget: `run_identity`) or of another shape is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_FORMAT = "autojudge-mining-snapshot"
+
+
+def run_identity(meta: dict, keys: tuple[str, ...]) -> str:
+    """What a snapshot must match to be used: the mining run's settings that fix its models and answers."""
+    return hashlib.sha256(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CacheSnapshots:
+    def __init__(self, directory: str | Path, identity: str):
+        self.directory = Path(directory)
+        self.identity = identity
+
+    def _path(self, problem_id: str) -> Path:
+        # Problem ids hold slashes ("gsm8k/train/12"); the hash keeps distinct ids, and runs sharing a directory,
+        # in distinct files.
+        readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", problem_id)
+        digest = hashlib.sha256(f"{self.identity}/{problem_id}".encode()).hexdigest()[:12]
+        return self.directory / f"{readable}-{digest}.safetensors"
+
+    def save(self, problem_id: str, rows: dict[str, tuple[list[int], dict[str, torch.Tensor]]]) -> None:
+        """rows: model -> (tokens the cache row holds, `Decoder.row_state` of those tokens)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{model}.{name}": t.contiguous() for model, (_, state) in rows.items() for name, t in state.items()}
+        metadata = {"format": _FORMAT, "run": self.identity, "problem_id": problem_id,
+                    "tokens": json.dumps({model: ids for model, (ids, _) in rows.items()})}
+        path = self._path(problem_id)
+        staging = path.with_name(path.name + ".tmp")
+        save_file(tensors, staging, metadata=metadata)
+        os.replace(staging, path)  # a kill mid-write leaves the old snapshot or none, never half of one
+
+    def load(self, problem_id: str) -> dict[str, tuple[list[int], dict[str, torch.Tensor]]]:
+        """model -> (tokens, state) of the problem's snapshot; empty when there is none for this run."""
+        path = self._path(problem_id)
+        if not path.is_file():
+            return {}
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            if (metadata.get("format"), metadata.get("run"), metadata.get("problem_id")) != (
+                    _FORMAT, self.identity, problem_id):
+                return {}
+            tensors = load_file(path)
+            tokens = json.loads(metadata["tokens"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return {}  # unreadable: the prefill it would have saved simply runs
+        return {model: (ids, {"k": tensors[f"{model}.k"], "v": tensors[f"{model}.v"]}) for model, ids in tokens.items()
+                if f"{model}.k" in tensors and f"{model}.v" in tensors}
+
+    def drop(self, problem_id: str) -> None:
+        self._path(problem_id).unlink(missing_ok=True)
