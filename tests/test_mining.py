@@ -585,7 +585,7 @@ def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset
 
 
 def test_sigterm_saves_cache_snapshots_and_resume_equals_an_uninterrupted_run(tiny_pair, dataset, tmp_path):
-    batch = ["--batch-size", "3"]
+    batch = ["--batch-size", "3", "--limit", "8"]
 
     def run(out, *extra, **env):
         args = [a if a != "test_mining:parity" else "test_mining:parity_logged"
