@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 _FORMAT = "autojudge-mining-snapshot"
 
@@ -59,14 +60,12 @@ class CacheSnapshots:
         if not path.is_file():
             return {}
         try:
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:  # one open: the metadata, then the tensors it vouches for
                 metadata = f.metadata() or {}
-            if (metadata.get("format"), metadata.get("run"), metadata.get("problem_id")) != (
-                    _FORMAT, self.identity, problem_id):
-                return {}
-            tensors = load_file(path)
+                if (metadata.get("format"), metadata.get("run"), metadata.get("problem_id")) != (
+                        _FORMAT, self.identity, problem_id):
+                    return {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
             tokens = json.loads(metadata["tokens"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             return {}  # unreadable: the prefill it would have saved simply runs
