@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,15 +307,26 @@ def test_an_interrupted_batch_resumes_from_its_cache_snapshots(engine, tmp_path,
         monkeypatch.undo()
         return results, counts
 
+    class CacheAlone(CacheSnapshots):
+        """The same snapshots with their greedy tokens forgotten, as a snapshot written before they were kept."""
+
+        def load(self, problem_id):
+            rows = super().load(problem_id)
+            return {model: replace(row, greedy=[None] * len(row.ids)) for model, row in rows.items()}
+
     # Another run's snapshots are ignored, and cost nothing but the prefill they would have saved.
     cold, cold_counts = resume(CacheSnapshots(tmp_path / "kv", "run-b"))
     assert len(list((tmp_path / "kv").glob("*.safetensors"))) == 3
+    shutil.copytree(tmp_path / "kv", tmp_path / "kv-copy")  # a finished problem's snapshot is dropped
+    cache_alone, cache_alone_counts = resume(CacheAlone(tmp_path / "kv-copy", "run-a"))
     warm, warm_counts = resume(snapshots)
-    for results in (cold, warm):
+    for results in (cold, cache_alone, warm):
         assert sorted(results) == sorted(pid for pid in reference if pid not in finished)
         for pid, result in results.items():
             assert _comparable_result(result) == _comparable_result(reference[pid]), pid
-    assert warm_counts["target"] < cold_counts["target"] and warm_counts["draft"] < cold_counts["draft"]
+    assert cache_alone_counts["target"] < cold_counts["target"] and cache_alone_counts["draft"] < cold_counts["draft"]
+    # The greedy tokens spare the regeneration of what the searches had asked for before the interrupt.
+    assert warm_counts["target"] < cache_alone_counts["target"]
     assert not list((tmp_path / "kv").glob("*"))  # a finished problem's snapshot is dropped
 
 

@@ -8,6 +8,12 @@ its cache holds, so a request runs only the tokens past the prefix it shares wit
 The rows' new tokens, one for a generating row, hundreds for a prompt, a checked piece of the previous
 continuation or a draft pass over a changed answer, go into one packed forward without padding: each weight is
 read once a round and multiplies all of them together. Greedy tokens are the same as batch 1's, so are the labels.
+
+Beside its tokens each row keeps the greedy token the model gave after each of them, where a forward computed it.
+A request whose answers are all known costs no forward (a generating row takes known tokens many a round), and
+one with a known head computes only its tail. Searches seldom ask twice, but a resumed one asks again for all it
+had when the run stopped: with the greedy tokens in its snapshot it gets them at once instead of regenerating its
+continuation one token a round (~8 minutes of every restart at batch 64 on the 2-core CPU).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autojudge.mining.miner import Cost, Generate, Miner, Predict, ProblemResult, Steps
-from autojudge.mining.snapshots import CacheSnapshots
+from autojudge.mining.snapshots import CacheSnapshots, SnapshotRow
 from autojudge.tasks.datasets import Problem
 
 
@@ -54,8 +60,10 @@ class BatchedMining:
         for decoder in self.decoders.values():
             decoder.ensure_rows(batch_size)
         self.n = batch_size
-        # Per model and row: the tokens whose keys/values the row's cache holds.
+        # Per model and row: the tokens whose keys/values the row's cache holds, and entry t of `greedy` the model's
+        # greedy token after cached[: t + 1] (None where no forward picked that position).
         self.cached = {model: [[] for _ in range(batch_size)] for model in self.decoders}
+        self.greedy = {model: [[] for _ in range(batch_size)] for model in self.decoders}
         self.rows: list[_Row | None] = [None] * batch_size
 
     def run(self, items, on_result, resumed: dict[str, list[dict]]) -> None:
@@ -83,15 +91,15 @@ class BatchedMining:
         """Starts row b with the cache rows its problem had when a run was interrupted, if they were saved."""
         if self.snapshots is None:
             return
-        for model, (ids, state) in self.snapshots.load(problem_id).items():
+        for model, row in self.snapshots.load(problem_id).items():
             decoder = self.decoders.get(model)
-            if decoder is None or len(ids) != state["k"].shape[2]:
+            if decoder is None or len(row.ids) != row.state["k"].shape[2]:
                 continue
             try:
-                decoder.load_row_state(b, state)
+                decoder.load_row_state(b, row.state)
             except ValueError:
                 continue  # saved from another shape or precision: the prefill runs as without a snapshot
-            self.cached[model][b] = ids
+            self.cached[model][b], self.greedy[model][b] = row.ids, row.greedy
 
     def _save_snapshots(self) -> None:
         if self.snapshots is None:
@@ -99,7 +107,8 @@ class BatchedMining:
         for b, row in enumerate(self.rows):
             if row is not None:
                 self.snapshots.save(row.problem.problem_id, {
-                    model: (self.cached[model][b], decoder.row_state(b, len(self.cached[model][b])))
+                    model: SnapshotRow(self.cached[model][b], self.greedy[model][b],
+                                       decoder.row_state(b, len(self.cached[model][b])))
                     for model, decoder in self.decoders.items()})
 
     def _advance(self, b: int, answer) -> None:
@@ -117,26 +126,51 @@ class BatchedMining:
 
     def _round(self) -> None:
         work = {}
-        for b, row in enumerate(self.rows):
-            if row is None:
-                continue
-            request = row.request
-            if isinstance(request, Generate):
-                ids = request.context + row.generated
-                request = Predict("target", ids, len(ids) - 1)
-            work[b] = request
+        for b in range(self.n):
+            # Requests the greedy tokens already answer are served at once; the first that needs a forward waits.
+            while (request := self._pending(b)) is not None:
+                shared, known = self._known(request, b)
+                if len(known) < len(request.ids) - request.start:
+                    work[b] = request, shared, known
+                    break
+                self.rows[b].cost.count_forward(request.model, len(known))
+                self._answer(b, known)
         answers = {}
         for model in self.decoders:
-            mine = {b: request for b, request in work.items() if request.model == model}
+            mine = {b: job for b, job in work.items() if job[0].model == model}
             if mine:
                 answers.update(self._predict(model, mine))
         for b, answer in answers.items():
-            row = self.rows[b]
-            if isinstance(row.request, Generate):
-                self._generated(b, answer[0])
-            else:
-                self._advance(b, answer)
+            self._answer(b, answer)
 
+    def _pending(self, b: int) -> Predict | None:
+        """Row b's request as a Predict: a Generate asks for the next token after what it has so far."""
+        row = self.rows[b]
+        if row is None:
+            return None
+        if isinstance(row.request, Generate):
+            ids = row.request.context + row.generated
+            return Predict("target", ids, len(ids) - 1)
+        return row.request
+
+    def _known(self, request: Predict, b: int) -> tuple[int, list[int]]:
+        """How many leading tokens the request shares with row b's cache, and the greedy tokens known for its
+        positions from `start` on, up to the first unknown one."""
+        held, greedy = self.cached[request.model][b], self.greedy[request.model][b]
+        shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
+                      min(len(held), len(request.ids)))
+        known = []
+        for t in range(request.start, min(shared, len(request.ids))):
+            if greedy[t] is None:
+                break
+            known.append(greedy[t])
+        return shared, known
+
+    def _answer(self, b: int, answer: list[int]) -> None:
+        if isinstance(self.rows[b].request, Generate):
+            self._generated(b, answer[0])
+        else:
+            self._advance(b, answer)
     def _generated(self, b: int, token: int) -> None:
         row = self.rows[b]
         request = row.request
@@ -146,32 +180,33 @@ class BatchedMining:
         if done:
             self._advance(b, row.generated)
 
-    def _predict(self, model: str, requests: dict[int, Predict]) -> dict[int, list[int]]:
-        """Answers every row's request in one packed forward (no padding) and one host read."""
-        decoder, cached = self.decoders[model], self.cached[model]
-        rows, tokens, picks, counts = [], [], [], []
-        for b, request in requests.items():
-            held = cached[b]
-            shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
-                          min(len(held), len(request.ids)))
-            begin = min(shared, request.start)
-            picks += range(len(tokens) + request.start - begin, len(tokens) + len(request.ids) - begin)
-            counts.append(len(request.ids) - request.start)
+    def _predict(self, model: str, requests: dict[int, tuple[Predict, int, list[int]]]) -> dict[int, list[int]]:
+        """Answers every row's request (with its shared prefix and known head, `_known`) in one packed forward (no
+        padding) and one host read."""
+        decoder, cached, greedy = self.decoders[model], self.cached[model], self.greedy[model]
+        rows, tokens, picks, spans = [], [], [], {}
+        for b, (request, shared, known) in requests.items():
+            start = request.start + len(known)
+            begin = min(shared, start)
+            picks += range(len(tokens) + start - begin, len(tokens) + len(request.ids) - begin)
+            spans[b] = begin, start
             rows.append((b, begin, len(request.ids) - begin))
             tokens += request.ids[begin:]
+            # A problem's cost counts what its search asked, known or not, as batch 1 does: the same on a resume.
             self.rows[b].cost.count_forward(model, len(request.ids) - request.start)
             # Until the forward has written every layer, the row holds only the prefix it keeps: an interrupt
             # in between must not snapshot half-written keys/values as the new tokens'.
-            cached[b] = request.ids[:begin]
+            cached[b], greedy[b] = request.ids[:begin], greedy[b][:begin]
         device = decoder.device
         hidden = decoder.forward_packed(torch.tensor(tokens, device=device), rows)
-        for b, request in requests.items():
-            cached[b] = request.ids
         with torch.inference_mode():
             logits = decoder.model.lm_head(hidden[torch.tensor(picks, device=device)]).float()
-        greedy = self.miner.greedy(model, logits).tolist()
+        picked = self.miner.greedy(model, logits).tolist()
         answers, at = {}, 0
-        for b, count in zip(requests, counts):
-            answers[b] = greedy[at : at + count]
-            at += count
+        for b, (request, _, known) in requests.items():
+            begin, start = spans[b]
+            new = picked[at : at + len(request.ids) - start]
+            at += len(new)
+            cached[b], greedy[b] = request.ids, greedy[b] + [None] * (start - begin) + new
+            answers[b] = known + new
         return answers
