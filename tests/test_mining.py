@@ -15,6 +15,14 @@ from click.testing import CliRunner
 from autojudge import Engine
 from autojudge.commands.mine import mine, parse_shard, select_problems
 from autojudge.errors import AutojudgeError
+from autojudge.judge import features as features_module
+from autojudge.judge.features import (
+    StoredFeatures,
+    feature_set,
+    label_features,
+    model_identity,
+    read_label_rows,
+)
 from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Cost, Miner, MiningOptions
 from autojudge.mining.snapshots import CacheSnapshots
@@ -232,6 +240,26 @@ def test_batched_mining_resumes_interrupted_searches(engine):
     assert sorted(together) == sorted(checkpoints)
     for pid, (full, _) in checkpoints.items():
         assert _comparable_result(together[pid]) == _comparable_result(full), pid
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_mined_features_are_the_label_features_and_change_no_label(engine, batch_size):
+    """fp32: the hidden states a search asks for at each draft token are the judge's features of that label (as a
+    fresh pass computes them for training), and asking for them changes no label."""
+    options = replace(MINING, max_new_tokens=40)
+    problems = _problems(4)
+    saved, results = [], {}
+    miner = Miner(engine, parity, replace(options, save_features=True),
+                  on_features=lambda label, hidden: saved.append((label, hidden)))
+    mine_all(miner, [(p, engine.encode_prompt(p.question)) for p in problems], batch_size,
+             lambda problem, result: results.__setitem__(problem.problem_id, result))
+    plain = _mine(engine, options)
+    assert [_comparable_result(results[p.problem_id]) for p in problems] == [_comparable_result(r) for r in plain]
+    labels = [label for label, _ in saved]
+    key = lambda label: (label["problem_id"], label["position"])  # noqa: E731
+    assert sorted(labels, key=key) == sorted(_labels(plain), key=key) and len(labels) >= 6
+    mined = torch.stack([torch.cat([hidden["draft"], hidden["target"]]) for _, hidden in saved])
+    torch.testing.assert_close(mined, label_features(engine, labels, "DD-DT"), rtol=1e-4, atol=1e-4)
 
 
 def test_cache_row_state_round_trips_and_refuses_another_shape(engine):
@@ -616,6 +644,37 @@ def test_sigterm_saves_cache_snapshots_and_resume_equals_an_uninterrupted_run(ti
     assert code == 0, output
     assert _by_problem(interrupted) == _by_problem(reference)
     assert not list(kv.iterdir())
+
+
+def test_train_reads_the_features_mining_saved(tiny_pair, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "labels.jsonl"
+    _cli(_args(tiny_pair, dataset, out, "--limit", "8", "--batch-size", "4", "--max-new-tokens", "40", "--dtype", "fp32"),
+         monkeypatch)
+    rows = read_label_rows(out)
+    directory = StoredFeatures.for_labels(out)
+    assert len(list(directory.glob("*.safetensors"))) == len({json.dumps(features_module._label_sequence(r))
+                                                             for r in rows}) >= 2
+    target, draft = tiny_pair
+    eng = Engine.from_pretrained(target=str(target), draft=str(draft), max_seq_len=MAX_SEQ_LEN, dtype="fp32")
+    fresh = label_features(eng, rows, "DD-DT")
+    passes = []
+    original = features_module._hidden
+    monkeypatch.setattr(features_module, "_hidden", lambda dec, ids: passes.append(ids) or original(dec, ids))
+
+    fs, _, reused = feature_set(eng, labels=out, cache=tmp_path / "all-stored.safetensors")
+    assert not reused and passes == []  # no model ran
+    torch.testing.assert_close(fs.features, fresh, rtol=2e-3, atol=2e-3)  # fp16 on disk
+    dt, _, _ = feature_set(eng, labels=out, setup="DT", cache=tmp_path / "dt.safetensors")
+    assert passes == [] and torch.equal(dt.features, fs.features[:, -eng.target.config.hidden_size:])
+
+    # A label without its file is computed (both models, one pass each); the others still come from disk.
+    next(directory.glob("*.safetensors")).unlink()
+    fs, _, _ = feature_set(eng, labels=out, cache=tmp_path / "one-missing.safetensors")
+    assert len(passes) == 2
+    torch.testing.assert_close(fs.features, fresh, rtol=2e-3, atol=2e-3)
+    # Features of other models or another precision are never read.
+    other = StoredFeatures(directory, {**model_identity(eng), "target": {"dtype": "bfloat16"}})
+    assert all(other.load(row, "DD-DT") is None for row in rows)
 
 
 def test_snapshot_dir_needs_a_batch(tiny_pair, dataset, tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
 from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.errors import AutojudgeError
+from autojudge.judge.features import StoredFeatures, model_identity
 from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Miner, MiningOptions
 from autojudge.mining.snapshots import CacheSnapshots, run_identity
@@ -63,7 +65,8 @@ def _sigterm_interrupts():
 
 
 def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checker: Checker, store: LabelStore,
-               options: MiningOptions, batch_size: int = 1, snapshots: CacheSnapshots | None = None) -> dict:
+               options: MiningOptions, batch_size: int = 1, snapshots: CacheSnapshots | None = None,
+               stored: StoredFeatures | None = None) -> dict:
     todo = [(p, ids) for p, ids in zip(problems, prompts) if p.problem_id not in store.done]
     # Interrupted problems first: their searches are the furthest along.
     todo.sort(key=lambda item: item[0].problem_id not in store.resumed)
@@ -77,7 +80,8 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
             store.checkpoint(row)
             label_bar.update(row["kind"] == "step")
 
-        miner = Miner(engine, checker, options, on_checkpoint=checkpoint)
+        miner = Miner(engine, checker, options, on_checkpoint=checkpoint,
+                      on_features=None if stored is None else stored.save)
 
         def keep(problem: Problem, result) -> None:
             store.add_problem(result.labels, {**result.record, "batch_size": batch_size})
@@ -124,10 +128,15 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
               help="With --batch-size > 1: on Ctrl-C or SIGTERM save the KV cache rows of the problems in flight "
                    "here (~80 KB a token for the default pair), and start resumed problems from them: --resume "
                    "then skips their prefill.")
+@click.option("--save-features/--no-save-features", default=True, show_default=True,
+              help="Keep each label's judge features (both models' hidden states at the draft token, fp16, "
+                   "~5 KB a label for the default pair) in OUT.features/, so `autojudge train` reads them "
+                   "instead of running the models over every label again.")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
 def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
-         speculative, reuse_continuation, skip_truncated, batch_size, snapshot_dir, checker_spec, **engine_kwargs):
+         speculative, reuse_continuation, skip_truncated, batch_size, snapshot_dir, save_features, checker_spec,
+         **engine_kwargs):
     """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
     shard = parse_shard(shard)
     if snapshot_dir is not None and batch_size == 1:
@@ -150,13 +159,15 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
         "prompt_template": prompt_template, "checker": checker_spec or task, "skip_truncated": skip_truncated,
     }
     options = MiningOptions(max_new_tokens=max_new_tokens, window=window, speculative=speculative,
-                            reuse_continuation=reuse_continuation, skip_truncated=skip_truncated)
+                            reuse_continuation=reuse_continuation, skip_truncated=skip_truncated,
+                            save_features=save_features)
     prompts = [engine.encode_prompt(build_messages(p, prompt_template)) for p in problems]
     _check_fits(problems, prompts, max_new_tokens, engine.target.max_seq_len)
     snapshots = CacheSnapshots(snapshot_dir, run_identity(meta, RESUME_KEYS)) if snapshot_dir else None
+    stored = StoredFeatures(StoredFeatures.for_labels(Path(out)), model_identity(engine)) if save_features else None
     with LabelStore(out, meta, resume) as store, _sigterm_interrupts():
         try:
-            totals = run_mining(engine, problems, prompts, checker, store, options, batch_size, snapshots)
+            totals = run_mining(engine, problems, prompts, checker, store, options, batch_size, snapshots, stored)
         except KeyboardInterrupt:
             saved = f"; cache rows of the problems in flight saved in {snapshot_dir}" if snapshots else ""
             click.echo(f"finished problems and labels so far are in {out} (--resume goes on){saved}", err=True)

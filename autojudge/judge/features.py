@@ -146,28 +146,91 @@ def _shared_passes(prompts: list[tuple], seqs: list[tuple]) -> tuple[list[tuple]
     return passes, owner
 
 
-def label_features(eng, rows: list[dict], setup: str, checkpoint: Checkpoint | None = None) -> torch.Tensor:
-    """[N, D] features at the draft token of each row: sequence = prompt + prefix + [draft_token]. Passes already
-    in `checkpoint` are not run again."""
+def _label_sequence(row: dict) -> list[int]:
+    return [*row["prompt_ids"], *row["prefix_ids"], row["draft_token"]]
+
+
+def model_identity(eng) -> dict:
+    """What stored features were computed with: the same models in the same precision give the same features."""
+    return {block: {"fingerprint": dec.fingerprint, "weights": dec.weights_fingerprint, "dtype": dec.precision}
+            for block, dec in (("draft", eng.draft), ("target", eng.target)) if dec is not None}
+
+
+class StoredFeatures:
+    """DD-DT features that `autojudge mine` saved as it labelled (`<labels>.features/`, one file a label, named
+    by a hash of the label's sequence): the hidden states its own forwards computed at the draft token, so
+    training need not run the models again (~20 s a label sequence in fp32 on the 2-core CPU). fp16 on disk
+    (~5 KB a label for the default pair); a label without a file, or one from other models or another
+    precision, has its features computed as usual."""
+
+    def __init__(self, directory: Path, identity: dict):
+        self.directory = Path(directory)
+        self.identity = json.dumps(identity, sort_keys=True)
+
+    @staticmethod
+    def for_labels(labels: Path) -> Path:
+        return labels.with_name(labels.name + ".features")
+
+    def _path(self, sequence: list[int]) -> Path:
+        return self.directory / (hashlib.sha256(json.dumps(sequence).encode()).hexdigest()[:24] + ".safetensors")
+
+    def save(self, row: dict, hidden: dict[str, torch.Tensor]) -> None:
+        """hidden: block ("draft", "target") -> fp32 [D] at the draft token of label `row`."""
+        stored = {block: h.detach().to("cpu", torch.float16).contiguous() for block, h in hidden.items()}
+        if not all(torch.isfinite(h).all() for h in stored.values()):
+            return  # out of fp16's range: training computes this one
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(_label_sequence(row))
+        staging = path.with_name(path.name + ".tmp")
+        save_file(stored, str(staging), metadata={"models": self.identity})
+        os.replace(staging, path)
+
+    def load(self, row: dict, setup: str) -> torch.Tensor | None:
+        """The row's features for `setup` (fp32), or None when none were stored for these models."""
+        path = self._path(_label_sequence(row))
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("models") != self.identity:
+                    return None
+                return torch.cat([f.get_tensor(block).float() for block in BLOCKS[setup]])
+        except (OSError, ValueError, KeyError):
+            return None  # unreadable or lacking a block: computed as usual
+
+
+def label_features(eng, rows: list[dict], setup: str, checkpoint: Checkpoint | None = None,
+                   stored: StoredFeatures | None = None) -> torch.Tensor:
+    """[N, D] features at the draft token of each row: sequence = prompt + prefix + [draft_token]. Rows in
+    `stored` and passes already in `checkpoint` are not run again."""
     decs = _decoders(eng, setup)
     checkpoint = checkpoint or Checkpoint()
-    prompts = [tuple(r["prompt_ids"]) for r in rows]
-    seqs = [p + tuple(r["prefix_ids"]) + (r["draft_token"],) for p, r in zip(prompts, rows)]
+    out = torch.empty(len(rows), sum(d.config.hidden_size for d in decs), dtype=torch.float32)
+    found = {i: f for i, f in enumerate(stored.load(r, setup) for r in rows) if f is not None} if stored else {}
+    for i, f in found.items():
+        out[i] = f
+    todo = [i for i in range(len(rows)) if i not in found]
+    prompts = [tuple(rows[i]["prompt_ids"]) for i in todo]
+    seqs = [tuple(_label_sequence(rows[i])) for i in todo]
     passes, owner = _shared_passes(prompts, seqs)
     rows_of = defaultdict(list)
-    for i, p in enumerate(owner):
-        rows_of[p].append(i)
-    out = torch.empty(len(rows), sum(d.config.hidden_size for d in decs), dtype=torch.float32)
-    already = sum(p in checkpoint.done for p in range(len(passes)))
+    for j, p in enumerate(owner):
+        rows_of[p].append(j)
+    # A checkpointed pass is known by its tokens and the positions it serves, not its index: which rows were
+    # stored may differ on a resume.
+    positions = [[len(seqs[j]) - 1 for j in rows_of[p]] for p in range(len(passes))]
+    items = [int(hashlib.sha256(json.dumps([list(s), at]).encode()).hexdigest()[:15], 16)
+             for s, at in zip(passes, positions)]
+    already = sum(item in checkpoint.done for item in items)
     with progress(total=len(passes), initial=already, desc="features", unit="seq") as bar:
-        for p in range(len(passes)):
+        for p, item in enumerate(items):
             idx = rows_of[p]
-            if p not in checkpoint.done:
-                pos = torch.tensor([len(seqs[i]) - 1 for i in idx])
+            if item not in checkpoint.done:
+                pos = torch.tensor(positions[p])
                 hidden = torch.cat([_hidden(d, list(passes[p])).cpu() for d in decs], dim=-1)
-                checkpoint.add(p, rows=hidden[pos])
+                checkpoint.add(item, rows=hidden[pos])
                 bar.update()
-            out[idx] = checkpoint.done[p]["rows"]
+            out[[todo[j] for j in idx]] = checkpoint.done[item]["rows"]
     return out
 
 
@@ -315,7 +378,8 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
     checkpoint = Checkpoint(path.with_name(path.name + ".partial"), meta["key"])
     if kind == "autojudge":
         rows = read_label_rows(source)
-        feats = label_features(eng, rows, setup, checkpoint)
+        stored = StoredFeatures(StoredFeatures.for_labels(source), model_identity(eng))
+        feats = label_features(eng, rows, setup, checkpoint, stored)
         important = torch.tensor([bool(r["important"]) for r in rows])
         groups = [str(r["problem_id"]) for r in rows]
     else:

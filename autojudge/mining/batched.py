@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autojudge.mining.miner import Cost, Generate, Miner, Predict, ProblemResult, Steps
+from autojudge.mining.miner import Cost, Generate, Hidden, Miner, Predict, ProblemResult, Steps
 from autojudge.mining.snapshots import CacheSnapshots, SnapshotRow
 from autojudge.tasks.datasets import Problem
 
@@ -130,7 +130,7 @@ class BatchedMining:
             # Requests the greedy tokens already answer are served at once; the first that needs a forward waits.
             while (request := self._pending(b)) is not None:
                 shared, known = self._known(request, b)
-                if len(known) < len(request.ids) - request.start:
+                if isinstance(request, Hidden) or len(known) < len(request.ids) - request.start:
                     work[b] = request, shared, known
                     break
                 self.rows[b].cost.count_forward(request.model, len(known))
@@ -143,7 +143,7 @@ class BatchedMining:
         for b, answer in answers.items():
             self._answer(b, answer)
 
-    def _pending(self, b: int) -> Predict | None:
+    def _pending(self, b: int) -> Predict | Hidden | None:
         """Row b's request as a Predict: a Generate asks for the next token after what it has so far."""
         row = self.rows[b]
         if row is None:
@@ -153,12 +153,14 @@ class BatchedMining:
             return Predict("target", ids, len(ids) - 1)
         return row.request
 
-    def _known(self, request: Predict, b: int) -> tuple[int, list[int]]:
+    def _known(self, request: Predict | Hidden, b: int) -> tuple[int, list[int]]:
         """How many leading tokens the request shares with row b's cache, and the greedy tokens known for its
-        positions from `start` on, up to the first unknown one."""
+        positions from `start` on, up to the first unknown one (none for a Hidden: only hidden states are)."""
         held, greedy = self.cached[request.model][b], self.greedy[request.model][b]
         shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
                       min(len(held), len(request.ids)))
+        if isinstance(request, Hidden):
+            return shared, []
         known = []
         for t in range(request.start, min(shared, len(request.ids))):
             if greedy[t] is None:
@@ -166,11 +168,12 @@ class BatchedMining:
             known.append(greedy[t])
         return shared, known
 
-    def _answer(self, b: int, answer: list[int]) -> None:
+    def _answer(self, b: int, answer) -> None:
         if isinstance(self.rows[b].request, Generate):
             self._generated(b, answer[0])
         else:
             self._advance(b, answer)
+
     def _generated(self, b: int, token: int) -> None:
         row = self.rows[b]
         request = row.request
@@ -180,33 +183,37 @@ class BatchedMining:
         if done:
             self._advance(b, row.generated)
 
-    def _predict(self, model: str, requests: dict[int, tuple[Predict, int, list[int]]]) -> dict[int, list[int]]:
+    def _predict(self, model: str, requests: dict[int, tuple[Predict | Hidden, int, list[int]]]) -> dict[int, object]:
         """Answers every row's request (with its shared prefix and known head, `_known`) in one packed forward (no
-        padding) and one host read."""
+        padding) and one host read. A Hidden is answered with its hidden state; the greedy token after it is kept
+        too, since what follows the judged token usually asks for it next."""
         decoder, cached, greedy = self.decoders[model], self.cached[model], self.greedy[model]
         rows, tokens, picks, spans = [], [], [], {}
         for b, (request, shared, known) in requests.items():
-            start = request.start + len(known)
+            asked = len(request.ids) - 1 if isinstance(request, Hidden) else request.start
+            start = asked + len(known)
             begin = min(shared, start)
             picks += range(len(tokens) + start - begin, len(tokens) + len(request.ids) - begin)
             spans[b] = begin, start
             rows.append((b, begin, len(request.ids) - begin))
             tokens += request.ids[begin:]
             # A problem's cost counts what its search asked, known or not, as batch 1 does: the same on a resume.
-            self.rows[b].cost.count_forward(model, len(request.ids) - request.start)
+            self.rows[b].cost.count_forward(model, len(request.ids) - asked)
             # Until the forward has written every layer, the row holds only the prefix it keeps: an interrupt
             # in between must not snapshot half-written keys/values as the new tokens'.
             cached[b], greedy[b] = request.ids[:begin], greedy[b][:begin]
         device = decoder.device
         hidden = decoder.forward_packed(torch.tensor(tokens, device=device), rows)
+        picks = torch.tensor(picks, device=device)
         with torch.inference_mode():
-            logits = decoder.model.lm_head(hidden[torch.tensor(picks, device=device)]).float()
+            logits = decoder.model.lm_head(hidden[picks]).float()
         picked = self.miner.greedy(model, logits).tolist()
         answers, at = {}, 0
         for b, (request, _, known) in requests.items():
             begin, start = spans[b]
             new = picked[at : at + len(request.ids) - start]
             at += len(new)
-            cached[b], greedy[b] = request.ids, greedy[b] + [None] * (start - begin) + new
-            answers[b] = known + new
+            # A copy: the search may go on to extend the list it asked with.
+            cached[b], greedy[b] = list(request.ids), greedy[b] + [None] * (start - begin) + new
+            answers[b] = hidden[picks[at - 1]].float().cpu().clone() if isinstance(request, Hidden) else known + new
         return answers

@@ -14,6 +14,10 @@ The search is written once, as generators that yield the model calls they need (
 receive the answers: `Miner.mine` serves them one at a time, `mining.batched` serves the calls of many problems
 in shared forward passes. Both give the same labels.
 
+With `save_features` on, each label also asks both models for their hidden state at the draft token (`Hidden`:
+one position each, past the prefix the caches already hold), so training reads the judge's features instead of
+running the models over every label's sequence again (judge/features.py, `StoredFeatures`).
+
 A problem can take an hour in a large batch, so the search reports checkpoints as it goes (`on_checkpoint`): an
 `answer` row once the target has answered, a `step` row as each mismatch gets its label (with the continuation
 it kept, if any). Handed those rows back (`resume`), a search goes on from the last one instead of starting over.
@@ -54,6 +58,7 @@ class MiningOptions:
     # An answer cut by the token budget has no final answer, so every swap "changes" whatever number the
     # cut happens to end on: its labels would be noise. Synthetic checkers that read any text can keep them.
     skip_truncated: bool = True
+    save_features: bool = False  # each label's judge features, handed to on_features
 
 
 @dataclass
@@ -97,8 +102,17 @@ class Generate:
     n: int
 
 
-# A generator of the search: yields Predict/Generate, is sent each answer, returns its result.
-Steps = Generator[Predict | Generate, list[int], object]
+@dataclass(frozen=True)
+class Hidden:
+    """The last-layer hidden state (after the final norm, fp32 [D]) of model "target" or "draft" at the last
+    position of ids: a judge feature when ids ends with the draft token being judged."""
+
+    model: str
+    ids: list[int]
+
+
+# A generator of the search: yields Predict/Generate/Hidden, is sent each answer, returns its result.
+Steps = Generator[Predict | Generate | Hidden, object, object]
 
 
 def run_steps(steps: Steps, serve):
@@ -120,13 +134,16 @@ class ProblemResult:
 
 
 class Miner:
-    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions(), on_checkpoint=None):
+    def __init__(self, engine, checker: Checker, options: MiningOptions = MiningOptions(), on_checkpoint=None,
+                 on_features=None):
         """on_checkpoint(row): called with each checkpoint row (module docstring), so long problems show progress
-        and lose nothing when the run is killed before they end."""
+        and lose nothing when the run is killed before they end. on_features(label, {"draft": h, "target": h}):
+        with options.save_features, called with each label's features before its checkpoint."""
         self.engine = engine
         self.checker = checker
         self.options = options
         self.on_checkpoint = on_checkpoint
+        self.on_features = on_features
         self.common_vocab = min(engine.target.config.vocab_size, engine.draft.config.vocab_size)
         self.max_seq_len = engine.target.max_seq_len
 
@@ -210,10 +227,14 @@ class Miner:
 
     # ------------------------------------------------------------------ serving requests one at a time
 
-    def serve(self, request: Predict | Generate, cost: Cost) -> list[int]:
+    def serve(self, request: Predict | Generate | Hidden, cost: Cost):
         if isinstance(request, Generate):
             return self._generate_now(request, cost)
         decoder = self.engine.target if request.model == "target" else self.engine.draft
+        if isinstance(request, Hidden):
+            _, hidden = decoder.teacher_forced(request.ids, start=len(request.ids) - 1)
+            cost.count_forward(request.model, 1)
+            return hidden[-1]
         # Only positions from `start` on are needed, so the cached keys/values before them are reused.
         logits, _ = decoder.teacher_forced(request.ids, start=request.start)
         cost.count_forward(request.model, len(request.ids) - request.start)
@@ -325,6 +346,10 @@ class Miner:
             if p is None:
                 break
             alt = cur[:p] + [preds[p]]
+            features = {}
+            if self.options.save_features:
+                for model in ("draft", "target"):
+                    features[model] = yield Hidden(model, alt)
             continuation = yield from self.continuation_steps(alt, budget - (p + 1 - n0), cur[p + 1 :], cost)
             alt += continuation
             alt_answer = self._check(problem, alt[n0:], cost)
@@ -336,6 +361,8 @@ class Miner:
             }
             labels.append(label)
             kept = alt_answer == ref
+            if features and self.on_features is not None:
+                self.on_features(label, features)
             self._checkpoint("step", problem, cost, elapsed(), label=label, continuation=continuation if kept else None)
             if kept:
                 cur, preds = alt, preds[: p + 1]
