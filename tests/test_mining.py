@@ -308,7 +308,7 @@ def _counting_tokens(engine, monkeypatch):
 
 
 def test_an_interrupted_batch_resumes_from_its_cache_snapshots(engine, tmp_path, monkeypatch):
-    options = replace(MINING, max_new_tokens=40)
+    options = replace(MINING, max_new_tokens=40, save_features=True)
     problems = _problems(5)
     items = [(p, engine.encode_prompt(p.question)) for p in problems]
     reference = {pid: full for pid, (full, _) in _checkpoints(engine, options, problems).items()}
@@ -318,10 +318,15 @@ def test_an_interrupted_batch_resumes_from_its_cache_snapshots(engine, tmp_path,
     def checkpoint(row):
         rows.setdefault(row["problem_id"], []).append(row)
 
+    whole_counts = _counting_tokens(engine, monkeypatch)
+    mine_all(Miner(engine, parity, options), items, 3, lambda problem, result: None)
+    monkeypatch.undo()
     interrupted = Miner(engine, _interrupting(after_calls=7), options, on_checkpoint=checkpoint)
+    interrupted_counts = _counting_tokens(engine, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         mine_all(interrupted, items, 3, lambda problem, result: finished.__setitem__(problem.problem_id, result),
                  snapshots=snapshots)
+    monkeypatch.undo()
     in_flight = [pid for pid in rows if pid not in finished]
     assert len(in_flight) == 3 and len(list((tmp_path / "kv").glob("*.safetensors"))) == 3
     resumed = {pid: rows[pid] for pid in in_flight}
@@ -353,8 +358,10 @@ def test_an_interrupted_batch_resumes_from_its_cache_snapshots(engine, tmp_path,
         for pid, result in results.items():
             assert _comparable_result(result) == _comparable_result(reference[pid]), pid
     assert cache_alone_counts["target"] < cold_counts["target"] and cache_alone_counts["draft"] < cold_counts["draft"]
-    # The greedy tokens spare the regeneration of what the searches had asked for before the interrupt.
+    # The greedy tokens spare the regeneration of what the searches had asked before the interrupt: the target
+    # runs what an uninterrupted batch runs, plus the judged token of each row in flight (its hidden state).
     assert warm_counts["target"] < cache_alone_counts["target"]
+    assert interrupted_counts["target"] + warm_counts["target"] <= whole_counts["target"] + len(in_flight)
     assert not list((tmp_path / "kv").glob("*"))  # a finished problem's snapshot is dropped
 
 

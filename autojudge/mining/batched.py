@@ -129,11 +129,11 @@ class BatchedMining:
         for b in range(self.n):
             # Requests the greedy tokens already answer are served at once; the first that needs a forward waits.
             while (request := self._pending(b)) is not None:
-                shared, known = self._known(request, b)
-                if isinstance(request, Hidden) or len(known) < len(request.ids) - request.start:
+                shared, known, complete = self._known(request, b)
+                if not complete:
                     work[b] = request, shared, known
                     break
-                self.rows[b].cost.count_forward(request.model, len(known))
+                self.rows[b].cost.count_forward(request.model, len(request.ids) - request.start)
                 self._answer(b, known)
         answers = {}
         for model in self.decoders:
@@ -153,20 +153,23 @@ class BatchedMining:
             return Predict("target", ids, len(ids) - 1)
         return row.request
 
-    def _known(self, request: Predict | Hidden, b: int) -> tuple[int, list[int]]:
-        """How many leading tokens the request shares with row b's cache, and the greedy tokens known for its
-        positions from `start` on, up to the first unknown one (none for a Hidden: only hidden states are)."""
+    def _known(self, request: Predict | Hidden, b: int) -> tuple[int, list[int], bool]:
+        """How many leading tokens the request shares with row b's cache, the greedy tokens known for its positions
+        from `start` on (up to the first unknown one; none for a Hidden: only hidden states are), and whether they
+        answer it: all of them, or for a check (`until_mismatch`) up to its first mismatch."""
         held, greedy = self.cached[request.model][b], self.greedy[request.model][b]
         shared = next((i for i, (x, y) in enumerate(zip(held, request.ids)) if x != y),
                       min(len(held), len(request.ids)))
         if isinstance(request, Hidden):
-            return shared, []
+            return shared, [], False
         known = []
         for t in range(request.start, min(shared, len(request.ids))):
             if greedy[t] is None:
                 break
             known.append(greedy[t])
-        return shared, known
+            if request.until_mismatch and t + 1 < len(request.ids) and greedy[t] != request.ids[t + 1]:
+                return shared, known, True
+        return shared, known, len(known) == len(request.ids) - request.start
 
     def _answer(self, b: int, answer) -> None:
         if isinstance(self.rows[b].request, Generate):
@@ -188,7 +191,7 @@ class BatchedMining:
         padding) and one host read. A Hidden is answered with its hidden state; the greedy token after it is kept
         too, since what follows the judged token usually asks for it next."""
         decoder, cached, greedy = self.decoders[model], self.cached[model], self.greedy[model]
-        rows, tokens, picks, spans = [], [], [], {}
+        rows, tokens, picks, spans, tails = [], [], [], {}, {}
         for b, (request, shared, known) in requests.items():
             asked = len(request.ids) - 1 if isinstance(request, Hidden) else request.start
             start = asked + len(known)
@@ -199,6 +202,10 @@ class BatchedMining:
             tokens += request.ids[begin:]
             # A problem's cost counts what its search asked, known or not, as batch 1 does: the same on a resume.
             self.rows[b].cost.count_forward(model, len(request.ids) - asked)
+            # A request inside what the row holds rewrites the same keys/values, so the row keeps what follows
+            # (a resumed search re-asks the start of a continuation whose rest is cached).
+            inside = shared == len(request.ids)
+            tails[b] = (cached[b][shared:], greedy[b][shared:]) if inside else ([], [])
             # Until the forward has written every layer, the row holds only the prefix it keeps: an interrupt
             # in between must not snapshot half-written keys/values as the new tokens'.
             cached[b], greedy[b] = request.ids[:begin], greedy[b][:begin]
@@ -214,6 +221,8 @@ class BatchedMining:
             new = picked[at : at + len(request.ids) - start]
             at += len(new)
             # A copy: the search may go on to extend the list it asked with.
-            cached[b], greedy[b] = list(request.ids), greedy[b] + [None] * (start - begin) + new
+            tail_ids, tail_greedy = tails[b]
+            cached[b] = list(request.ids) + tail_ids
+            greedy[b] = greedy[b] + [None] * (start - begin) + new + tail_greedy
             answers[b] = hidden[picks[at - 1]].float().cpu().clone() if isinstance(request, Hidden) else known + new
         return answers

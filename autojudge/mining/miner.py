@@ -87,11 +87,13 @@ class Cost:
 @dataclass(frozen=True)
 class Predict:
     """The greedy next token after ids[: t + 1] for each t in [start, len(ids)), from model "target" or "draft"
-    (the draft's restricted to the vocabulary both share)."""
+    (the draft's restricted to the vocabulary both share). `until_mismatch`: a check of proposed tokens, which needs
+    no answer past the first t whose greedy token differs from ids[t + 1] (those may be left out)."""
 
     model: str
     ids: list[int]
     start: int
+    until_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ class Miner:
     def _verify(self, context: list[int], proposal: list[int], cost: Cost):
         """One teacher-forced target pass over context + proposal: (tokens kept, kept + the target's next)."""
         proposal = proposal[: self.max_seq_len - len(context) - 1]
-        greedy = yield Predict("target", context + proposal, len(context) - 1)
+        greedy = yield Predict("target", context + proposal, len(context) - 1, until_mismatch=True)
         accepted = next((i for i, (p, g) in enumerate(zip(proposal, greedy)) if p != g), len(proposal))
         cost.verify_passes += 1
         cost.reused_tokens += accepted
