@@ -159,7 +159,7 @@ def model_identity(eng) -> dict:
 class StoredFeatures:
     """DD-DT features that `autojudge mine` saved as it labelled (`<labels>.features/`, one file a label, named
     by a hash of the label's sequence): the hidden states its own forwards computed at the draft token, so
-    training need not run the models again (~20 s a label sequence in fp32 on the 2-core CPU). fp16 on disk
+    training need not run the models again (~50 ms a token of each label sequence in fp32 on the 2-core CPU). fp16 on disk
     (~5 KB a label for the default pair); a label without a file, or one from other models or another
     precision, has its features computed as usual."""
 
