@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh              # from the repository root, on a machine with a CUDA GPU
 #   GPU_CHECK_BUDGET_S=300 GPU_CHECK_PARTS="gate quick_bench" bash bench/gpu_check.sh   # a rerun
+#   GPU_CHECK_QUICK_TABLES=verify,pairs bash bench/gpu_check.sh   # quick_bench without the tables already measured
 #
 # Parts, each under min(its limit, the time left of the budget; default 460 s):
 #   gate         pytest -m gpu_gate tests/test_gpu.py: kernel == reference at K=16 V=151936 (bf16/fp32,
@@ -58,7 +59,7 @@ part() {  # part NAME LIMIT COMMAND...: COMMAND under min(LIMIT, time left), its
 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 tests/test_gpu.py)
 part gate 150 "${PYTEST[@]}" -m gpu_gate
-LOG=bench part quick_bench 240 "$PY" bench/gpu_bench.py --part quick --tables verify,steps,pairs --json "$OUT/quick_bench.json"
+LOG=bench part quick_bench 240 "$PY" bench/gpu_bench.py --part quick --tables "${GPU_CHECK_QUICK_TABLES:-verify,steps,pairs}" --json "$OUT/quick_bench.json"
 LOG=bench part batched_bench 120 "$PY" bench/gpu_bench.py --part quick --tables batched --json "$OUT/batched_bench.json"
 part rest_tests 120 "${PYTEST[@]}" -m "not gpu_gate and not slow"
 LOG=bench part rest_bench 240 "$PY" bench/gpu_bench.py --part rest --json "$OUT/rest_bench.json"
