@@ -366,3 +366,39 @@ def test_cli_batched_rows_equal_batch_one_rows_and_resume(tmp_path, tiny_pair, m
     assert len(lines) == 21 and rows("crash.json").keys() == one.keys()
     result = _eval([*common, "--out", tmp_path / "crash.json", "--batch-size", 4, "--resume"])
     assert result.exit_code == 1 and "batch_size" in result.output
+
+
+def test_cli_tokenwise_schedule_gives_the_batch_one_rows(tmp_path, tiny_pair):
+    """fp32: --schedule tokenwise changes only the batch's arithmetic: every row equals batch 1's; the report keeps
+    the speculative modes' batch tokens/s out (it is the schedule's), and a resume under cycles is refused."""
+    target, draft = tiny_pair
+    judge_path, _ = _tiny_judge(tmp_path, target)
+    dataset = _problems_file(tmp_path, 5)
+    common = ["--dataset", dataset, "--modes", "target,speculative,autojudge,topk", "--judge", judge_path,
+              "--thresholds", "0.3", "--alphas", "0.1", "--max-new-tokens", 14, "--window", 5, "--target", target,
+              "--draft", draft, "--kernels", "eager", "--max-seq-len", 256, "--dtype", "fp32"]
+
+    def rows(out):
+        lines = (tmp_path / f"{out}.partial.jsonl").read_text().splitlines()[1:]
+        return {(r["mode"], r["problem_id"]): r for r in map(json.loads, lines)}
+
+    assert _eval([*common, "--out", tmp_path / "one.json"]).exit_code == 0
+    tokenwise = [*common, "--out", tmp_path / "tw.json", "--batch-size", 3, "--single-stream", 1,
+                 "--schedule", "tokenwise"]
+    result = _eval(tokenwise)
+    assert result.exit_code == 0, result.output
+    one, tw = rows("one.json"), rows("tw.json")
+    assert one.keys() == tw.keys() and len(one) == 20
+    same = ("text", "outcome", "correct", "new_tokens", "cycles", "accepted", "judge_rescues", "finish_reason")
+    for key in one:
+        assert {k: one[key][k] for k in same} == {k: tw[key][k] for k in same}, key
+        batched = int(key[1].split("/")[-1]) >= 1
+        assert tw[key]["schedule"] == ("tokenwise" if batched and key[0] != "target" else "cycles"), key
+    report = {r["mode"]: r for r in json.loads((tmp_path / "tw.json").read_text())["results"]}
+    assert report["target"]["batch_tokens_per_second"] > 0
+    for mode in ("speculative", "autojudge", "topk"):
+        assert report[mode]["batch_tokens_per_second"] is None and report[mode]["tokens_per_second"] > 0
+    result = _eval([*common, "--out", tmp_path / "tw.json", "--batch-size", 3, "--single-stream", 1, "--resume"])
+    assert result.exit_code == 1 and "schedule" in result.output
+    result = _eval([*common, "--out", tmp_path / "x.json", "--schedule", "tokenwise"])
+    assert result.exit_code == 1 and "--schedule tokenwise applies to batched decoding; add --batch-size" in result.output

@@ -162,18 +162,21 @@ class Engine:
     def generate_batch(self, prompts, max_batch: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                        mode: str = "speculative", window: int = DEFAULT_WINDOW, ignore_eos: bool = False,
                        temperature: float = 0.0, seed: int | None = None, judge=None, threshold: float | None = None,
-                       on_output=None):
+                       on_output=None, schedule: str = "cycles"):
         """One GenerationOutput per prompt, in order (a list that also carries `.stats` for the batch), decoded
         with continuous batching through at most `max_batch` cache rows. Same options as `generate`; every prompt
         is checked before any is decoded. `on_output(index, output)` is called as each prompt finishes (in
-        finishing order), so a caller can keep results that a later crash would otherwise lose."""
+        finishing order), so a caller can keep results that a later crash would otherwise lose. `schedule`
+        "tokenwise" takes greedy cycles' decisions one token at a time: the same outputs and cycle statistics for
+        about half the arithmetic, but not speculative decoding's timing (`autojudge.engine.tokenwise`)."""
         from autojudge.engine.batched import BatchRun
+        from autojudge.engine.tokenwise import TokenwiseRun
 
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise AutojudgeError("generate_batch takes a non-empty list of prompts")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise AutojudgeError(f"max_batch must be at least 1, got {max_batch}")
-        threshold = self._checked_threshold(mode, window, max_new_tokens, temperature, judge, threshold)
+        threshold = self._checked_threshold(mode, window, max_new_tokens, temperature, judge, threshold, schedule)
         encoded = []
         for i, prompt in enumerate(prompts):
             try:
@@ -181,8 +184,9 @@ class Engine:
             except AutojudgeError as err:
                 raise AutojudgeError(f"prompt {i} of {len(prompts)}: {err}") from None
         with self._exclusive():
-            return BatchRun(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed,
-                            judge, threshold, on_output).run()
+            run = TokenwiseRun if schedule == "tokenwise" and mode != "target" else BatchRun
+            return run(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
+                       threshold, on_output).run()
 
     def _encode_fitting(self, prompt) -> list[int]:
         prompt_ids = self.encode_prompt(prompt)
@@ -229,10 +233,12 @@ class Engine:
         finally:
             self._busy.release()
 
-    def _checked_threshold(self, mode, window, max_new_tokens, temperature, judge, threshold) -> float | None:
+    def _checked_threshold(self, mode, window, max_new_tokens, temperature, judge, threshold,
+                           schedule="cycles") -> float | None:
         """Checks the request; returns the judge threshold to decode with (the judge's own default if None)."""
         check_request(mode, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
-                      has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold)
+                      has_draft=self.draft is not None, has_judge=judge is not None, threshold=threshold,
+                      schedule=schedule)
         if judge is not None and (mode == "topk") != isinstance(judge, TopkRule):
             raise AutojudgeError(f"mode {mode!r} takes {'a TopkRule' if mode == 'topk' else 'a trained judge'} as "
                                  f"judge, not {type(judge).__name__}")

@@ -16,6 +16,10 @@ DEFAULT_WINDOW = 8
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TOPK = 3
 DEFAULT_TOPK_ALPHA = 0.3
+# How a batch takes greedy speculative decisions: in cycles (what serving runs), or one token at a time with the
+# same outcome at about half the arithmetic (`autojudge.engine.tokenwise`; for evaluation, whose speed is measured
+# on rows decoded alone).
+SCHEDULES = ("cycles", "tokenwise")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ def check_threshold(threshold: float, what: str = "judge threshold") -> float:
 
 
 def check_request(mode: str, *, window: int, max_new_tokens: int, temperature: float = 0.0, has_draft: bool = True,
-                  has_judge: bool = False, threshold: float | None = None) -> None:
+                  has_judge: bool = False, threshold: float | None = None, schedule: str = "cycles") -> None:
     """Refuses an inconsistent request with one line naming the fix. `has_judge`: a judge was given, or will be
     (the command line loads the default judge for the judge modes)."""
     if mode not in MODES:
@@ -74,3 +78,7 @@ def check_request(mode: str, *, window: int, max_new_tokens: int, temperature: f
         raise AutojudgeError(f"a judge and its threshold are used only in modes {', '.join(LOSSY_MODES)}, not {mode!r}")
     if threshold is not None:
         check_threshold(threshold)
+    if schedule not in SCHEDULES:
+        raise AutojudgeError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "tokenwise" and temperature > 0:
+        raise AutojudgeError("the tokenwise schedule replays greedy cycles; drop --temperature or use --schedule cycles")

@@ -63,7 +63,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         rescues = sum(r["judge_rescues"] for r in group)
         new_tokens = sum(r["new_tokens"] for r in group)
         alone = [r for r in group if r.get("batch_size", 1) == 1]
-        batched = [r for r in group if r.get("batch_size", 1) > 1]
+        # Tokenwise rows give the same tokens as cycles, not their speed.
+        batched = [r for r in group if r.get("batch_size", 1) > 1 and r.get("schedule", "cycles") == "cycles"]
         results.append({
             "mode": mode, "threshold": threshold, "recall": group[0].get("recall"), "n": n,
             "correct": correct, "accuracy": correct / n,

@@ -30,9 +30,9 @@ from autojudge.tasks.prompts import build_messages
 CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
 # Rows made under a different value of any of these measure something else; resuming would mix them.
 RESUME_KEYS = ("dataset", "split", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device",
-               "batch_size", "single_stream", "topk")
+               "batch_size", "single_stream", "topk", "schedule")
 # What a rows file written before a key existed was made with.
-_BEFORE_KEY = {"batch_size": 1, "single_stream": 0}
+_BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles"}
 
 
 def _setting(config: dict, key: str):
@@ -163,7 +163,7 @@ class RowLog:
         self.done[row_key(row["mode"], row["threshold"], row["problem_id"])] = row
 
 
-def _row(problem, run: Run, out, wall_s: float, batch_size: int, checkers) -> dict:
+def _row(problem, run: Run, out, wall_s: float, batch_size: int, checkers, schedule: str = "cycles") -> dict:
     outcome = checkers[problem.task](problem, out.text)
     stats = out.stats
     return {
@@ -173,6 +173,8 @@ def _row(problem, run: Run, out, wall_s: float, batch_size: int, checkers) -> di
         "accepted": sum(int(a) * c for a, c in stats.histogram.items()),
         "judge_rescues": stats.judge_rescues, "decode_s": stats.total_s,
         "wall_s": wall_s, "batch_size": batch_size, "finish_reason": stats.finish_reason, "text": out.text,
+        # Target mode has no cycles: every schedule decodes it the same way.
+        "schedule": "cycles" if run.mode == "target" else schedule,
     }
 
 
@@ -189,7 +191,7 @@ def evaluate_one(engine, problem, run: Run, judges: dict, window: int, max_new_t
 
 
 def evaluate_batched(engine, problems, run: Run, log: RowLog, bar, *, judges: dict, window: int,
-                     max_new_tokens: int, batch_size: int, checkers=CHECKERS) -> None:
+                     max_new_tokens: int, batch_size: int, checkers=CHECKERS, schedule: str = "cycles") -> None:
     """Decodes `problems` for one run in batches of `batch_size`, appending each row the moment it finishes.
 
     A row's `wall_s` is the time since the previous row of the batch finished, so the rows of a run add up to
@@ -200,21 +202,23 @@ def evaluate_batched(engine, problems, run: Run, log: RowLog, bar, *, judges: di
     def keep(index: int, out) -> None:
         nonlocal last
         now = time.perf_counter()
-        log.append(_row(problems[index], run, out, now - last, batch_size, checkers))
+        log.append(_row(problems[index], run, out, now - last, batch_size, checkers, schedule))
         last = now
         bar.update()
 
     engine.generate_batch([build_messages(p) for p in problems], max_batch=batch_size, on_output=keep,
-                          **_decode_kwargs(run, judges, window, max_new_tokens))
+                          schedule=schedule, **_decode_kwargs(run, judges, window, max_new_tokens))
 
 
 def evaluate(engine, problems, runs: list[Run], log: RowLog, *, window: int, max_new_tokens: int,
-             judges: dict | None = None, checkers=CHECKERS, batch_size: int = 1, single_stream: int = 0) -> list[dict]:
+             judges: dict | None = None, checkers=CHECKERS, batch_size: int = 1, single_stream: int = 0,
+             schedule: str = "cycles") -> list[dict]:
     """Rows for every (run, problem), reusing those already in `log` and appending the new ones. `judges`: what
     each lossy mode decodes with (`judges_by_mode`).
 
     With batch_size > 1 the first `single_stream` problems of each run are still decoded alone: their tokens/s
-    is what one user waits for, the batched rows' is what the machine serves.
+    is what one user waits for, the batched rows' is what the machine serves (`schedule` "tokenwise": the
+    same rows, sooner, but not speculative decoding's batch speed).
     """
     keys = {(run, p.problem_id): row_key(run.mode, run.threshold, p.problem_id) for run in runs for p in problems}
     already = sum(k in log.done for k in keys.values())
@@ -231,5 +235,6 @@ def evaluate(engine, problems, runs: list[Run], log: RowLog, *, window: int, max
                 bar.update()
             if together:
                 evaluate_batched(engine, together, run, log, bar, judges=judges or {}, window=window,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, checkers=checkers)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, checkers=checkers,
+                                 schedule=schedule)
     return [log.done[keys[run, p.problem_id]] for run in runs for p in problems]
