@@ -274,3 +274,35 @@ def test_packed_forward_equals_each_row_alone(engine, prefixes, news, order_seed
         torch.testing.assert_close(hidden, want[b], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(decoder.model.model.layers[-1].self_attn.kv_cache.k[b, :, : len(sequences[b])],
                                    cache[b], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_states_skip_prefills_and_change_nothing(engine, monkeypatch):
+    """A prompt decoded again with the same `prompt_states` is copied into its cache rows, not prefilled: a
+    target-mode run keeps the target's caches, the next speculative run adds the draft's, the third prefills none."""
+    prompts = prompts_of([7, 15, 4, 22, 9], seed=12)
+    prefills = []
+    for dec in (engine.target, engine.draft):
+        real = dec.forward_rows
+
+        def counting(tokens, positions, *a, real=real, name=dec.name, **k):
+            if int(positions[0, 0]) == 0:  # only a prefill starts at position 0
+                prefills.append(name)
+            return real(tokens, positions, *a, **k)
+
+        monkeypatch.setattr(dec, "forward_rows", counting)
+    states = {}
+    target_kw = dict(max_new_tokens=9, mode="target", ignore_eos=True)
+    spec_kw = dict(max_new_tokens=21, mode="speculative", window=5, ignore_eos=True)
+    got_target = engine.generate_batch(prompts, max_batch=2, prompt_states=states, **target_kw)
+    assert prefills == [engine.target.name] * 5 and len(states) == 5
+    prefills.clear()
+    got_spec = engine.generate_batch(prompts, max_batch=3, prompt_states=states, **spec_kw)
+    assert prefills == [engine.draft.name] * 5
+    prefills.clear()
+    again = engine.generate_batch(prompts, max_batch=2, prompt_states=states, schedule="tokenwise", **spec_kw)
+    assert prefills == []
+    monkeypatch.undo()
+    assert_rows_equal(got_target, batch1(engine, prompts, **target_kw))
+    want = batch1(engine, prompts, **spec_kw)
+    assert_rows_equal(got_spec, want)
+    assert_rows_equal(again, want)

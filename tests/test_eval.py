@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from autojudge import Engine
 from autojudge.commands import main
+from autojudge.engine.decoder import Decoder
 from autojudge.engine.engine import GenerationStats
 from autojudge.errors import AutojudgeError
 from autojudge.eval import runner
@@ -368,9 +369,10 @@ def test_cli_batched_rows_equal_batch_one_rows_and_resume(tmp_path, tiny_pair, m
     assert result.exit_code == 1 and "batch_size" in result.output
 
 
-def test_cli_tokenwise_schedule_gives_the_batch_one_rows(tmp_path, tiny_pair):
+def test_cli_tokenwise_schedule_gives_the_batch_one_rows(tmp_path, tiny_pair, monkeypatch):
     """fp32: --schedule tokenwise changes only the batch's arithmetic: every row equals batch 1's; the report keeps
-    the speculative modes' batch tokens/s out (it is the schedule's), and a resume under cycles is refused."""
+    the speculative modes' batch tokens/s out (it is the schedule's), and a resume under cycles is refused. Every run
+    reuses the prompts' caches of the first."""
     target, draft = tiny_pair
     judge_path, _ = _tiny_judge(tmp_path, target)
     dataset = _problems_file(tmp_path, 5)
@@ -385,8 +387,20 @@ def test_cli_tokenwise_schedule_gives_the_batch_one_rows(tmp_path, tiny_pair):
     assert _eval([*common, "--out", tmp_path / "one.json"]).exit_code == 0
     tokenwise = [*common, "--out", tmp_path / "tw.json", "--batch-size", 3, "--single-stream", 1,
                  "--schedule", "tokenwise"]
+    prefills = []
+    real = Decoder.forward_rows
+
+    def counting(self, tokens, positions, *a, **k):
+        if int(positions[0, 0]) == 0:  # only a prefill starts at position 0
+            prefills.append(self)
+        return real(self, tokens, positions, *a, **k)
+
+    monkeypatch.setattr(Decoder, "forward_rows", counting)
     result = _eval(tokenwise)
+    monkeypatch.undo()
     assert result.exit_code == 0, result.output
+    # 4 batched problems, 4 runs: each prompt prefilled once in each model, not once a run.
+    assert len(prefills) == 8 and len(set(prefills)) == 2
     one, tw = rows("one.json"), rows("tw.json")
     assert one.keys() == tw.keys() and len(one) == 20
     same = ("text", "outcome", "correct", "new_tokens", "cycles", "accepted", "judge_rescues", "finish_reason")

@@ -50,6 +50,15 @@ class BatchStats:
         return self.busy_slot_steps / (self.model_steps * self.slots) if self.model_steps else 0.0
 
 
+@dataclass
+class PromptState:
+    """A prompt's keys and values in each model (`Decoder.row_state`) and the target's logits after it."""
+
+    target: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    draft: dict[str, torch.Tensor] | None = None
+
+
 class BatchOutputs(list):
     """One GenerationOutput per prompt, in the prompts' order, plus `stats` for the whole batch."""
 
@@ -73,8 +82,9 @@ class _Slot:
 class BatchRun:
     def __init__(self, engine, prompts: list[list[int]], max_batch: int, max_new_tokens: int, mode: str,
                  window: int, ignore_eos: bool, temperature: float, seed: int | None, judge, threshold,
-                 on_output=None):
+                 on_output=None, prompt_states: dict | None = None):
         self.engine, self.mode, self.window = engine, mode, window
+        self.prompt_states = prompt_states
         self.on_output = on_output
         self.max_new_tokens, self.ignore_eos = max_new_tokens, ignore_eos
         self.judge, self.threshold = judge, threshold
@@ -132,15 +142,35 @@ class BatchRun:
             n = len(ids)
             t0 = time.perf_counter()
             self.tokens[b, :n] = torch.as_tensor(ids, dtype=torch.long)
-            positions = torch.arange(n, device=self.device)[None]
-            logits, _ = self.target.forward_rows(self.tokens[b : b + 1, :n], positions, n, slice(b, b + 1), -1)
-            self.tokens[b, n] = self._pick(logits[:, -1])[0]
-            if self.draft is not None:
-                self.draft.forward_rows(self.tokens[b : b + 1, :n], positions, n, slice(b, b + 1), None)
+            self.tokens[b, n] = self._pick(self._prefill(b, ids)[None])[0]
             slot.seq_len, slot.draft_valid, slot.wanted = n + 1, n, self.max_new_tokens - 1
             stats.prefill_s = time.perf_counter() - t0
             self.slots[b] = slot
             self._emit(b, [int(self.tokens[b, n])])
+
+    def _prefill(self, b: int, ids: list[int]) -> torch.Tensor:
+        """Runs prompt `ids` (already in tokens[b]) into cache row b of each model; returns the target's logits
+        [V] at its last token. A prompt held in `prompt_states` is copied in instead of run, and one that is not
+        is added to it."""
+        n, key = len(ids), tuple(ids)
+        kept = self.prompt_states.get(key) if self.prompt_states is not None else None
+        rows, positions, prompt = slice(b, b + 1), torch.arange(n, device=self.device)[None], self.tokens[b : b + 1, :n]
+        if kept is None:
+            logits = self.target.forward_rows(prompt, positions, n, rows, -1)[0][0, -1]
+        else:
+            self.target.load_row_state(b, kept.target)
+            logits = kept.logits
+        if self.draft is not None:
+            if kept is None or kept.draft is None:
+                self.draft.forward_rows(prompt, positions, n, rows, None)
+            else:
+                self.draft.load_row_state(b, kept.draft)
+        if self.prompt_states is not None:
+            if kept is None:
+                kept = self.prompt_states[key] = PromptState(self.target.row_state(b, n), logits.clone())
+            if self.draft is not None and kept.draft is None:
+                kept.draft = self.draft.row_state(b, n)
+        return logits
 
     def _emit(self, b: int, new: list[int]) -> bool:
         """Adds a step's tokens to row b's answer; a finished answer is stored and frees the slot (True)."""

@@ -162,13 +162,16 @@ class Engine:
     def generate_batch(self, prompts, max_batch: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                        mode: str = "speculative", window: int = DEFAULT_WINDOW, ignore_eos: bool = False,
                        temperature: float = 0.0, seed: int | None = None, judge=None, threshold: float | None = None,
-                       on_output=None, schedule: str = "cycles"):
+                       on_output=None, schedule: str = "cycles", prompt_states: dict | None = None):
         """One GenerationOutput per prompt, in order (a list that also carries `.stats` for the batch), decoded
         with continuous batching through at most `max_batch` cache rows. Same options as `generate`; every prompt
         is checked before any is decoded. `on_output(index, output)` is called as each prompt finishes (in
         finishing order), so a caller can keep results that a later crash would otherwise lose. `schedule`
         "tokenwise" takes greedy cycles' decisions one token at a time: the same outputs and cycle statistics for
-        about half the arithmetic, but not speculative decoding's timing (`autojudge.engine.tokenwise`)."""
+        about half the arithmetic, but not speculative decoding's timing (`autojudge.engine.tokenwise`).
+        `prompt_states`: a dict the caller keeps between calls; each prompt's caches after its prefill are kept in
+        it, and a prompt found there is copied into its cache row instead of prefilled (an eval decodes the same
+        prompts in every mode). It grows by ~80 KB a prompt token for the default pair in fp32."""
         from autojudge.engine.batched import BatchRun
         from autojudge.engine.tokenwise import TokenwiseRun
 
@@ -186,7 +189,7 @@ class Engine:
         with self._exclusive():
             run = TokenwiseRun if schedule == "tokenwise" and mode != "target" else BatchRun
             return run(self, encoded, max_batch, max_new_tokens, mode, window, ignore_eos, temperature, seed, judge,
-                       threshold, on_output).run()
+                       threshold, on_output, prompt_states).run()
 
     def _encode_fitting(self, prompt) -> list[int]:
         prompt_ids = self.encode_prompt(prompt)
