@@ -211,6 +211,17 @@ def test_resume_after_crash_and_with_more_problems(tmp_path, dataset, fake):
     assert json.loads(out.read_text())["results"][0]["n"] == 3
 
 
+def test_offset_takes_the_problems_after_it(tmp_path, dataset, fake):
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--modes", "target", "--max-new-tokens", 8, "--out", out]
+    assert _eval([*args, "--offset", 1]).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "r.json.partial.jsonl").read_text().splitlines()[1:]]
+    assert [r["problem_id"].split("/")[-1] for r in rows] == ["1", "2"]
+    assert json.loads(out.read_text())["results"][0]["n"] == 2
+    result = _eval([*args, "--resume"])  # rows of problems 1-2 are not rows of problems 0-2
+    assert result.exit_code == 1 and "offset" in result.output
+
+
 def test_resume_refuses_other_settings(tmp_path, dataset, fake):
     out = tmp_path / "r.json"
     args = ["--dataset", dataset, "--modes", "speculative", "--out", out]
@@ -255,6 +266,7 @@ def _assert_clean_error(args, needle):
     (["--modes", "autojudge", "--judge", "j", "--thresholds", "0.2,1.5"], "[0, 1]"),
     (["--modes", "autojudge", "--judge", "default"], "needs a draft model (default-draft"),
     (["--limit", "0"], "--limit"),
+    (["--offset", "3"], "--offset 3 skips all 3 problems"),
 ])
 def test_cli_bad_input(tmp_path, dataset, fake, extra, needle):
     _assert_clean_error(["--dataset", dataset, "--out", tmp_path / "r.json", *extra], needle)

@@ -17,7 +17,9 @@ def rows_path(out: Path) -> Path:
 @click.command("eval")
 @click.option("--dataset", default="gsm8k", show_default=True, help="gsm8k, humaneval or a PATH.jsonl (GSM8K rows).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N problems.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip the first N problems (held-out problems after those a judge was mined on).")
+@click.option("--limit", type=int, default=None, help="Only the first N problems (after --offset).")
 @click.option("--modes", default=None,
               help="Comma-separated: target, speculative, autojudge, judge, topk "
                    "[default: target,speculative, plus autojudge with --judge].")
@@ -46,7 +48,7 @@ def rows_path(out: Path) -> Path:
                    "at a time: the same rows for about half the arithmetic; their batch tokens/s is then the "
                    "schedule's, so the report leaves it out (single-stream tokens/s is still measured).")
 @engine_options
-def eval_cmd(dataset, split, limit, modes, thresholds, topk, alphas, judge_path, window, max_new_tokens, out, plot,
+def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, judge_path, window, max_new_tokens, out, plot,
              resume, batch_size, single_stream, schedule, **engine_kw):
     """Evaluate decoding modes on a dataset; rows go to OUT.partial.jsonl as they finish, the report to OUT."""
     from autojudge.errors import AutojudgeError
@@ -62,10 +64,13 @@ def eval_cmd(dataset, split, limit, modes, thresholds, topk, alphas, judge_path,
         raise AutojudgeError(f"--limit must be at least 1, got {limit}")
     if schedule != "cycles" and batch_size == 1:
         raise AutojudgeError(f"--schedule {schedule} applies to batched decoding; add --batch-size N (N > 1)")
-    problems = load_dataset(dataset, split)[:limit]
+    problems = load_dataset(dataset, split)
+    if offset >= len(problems):
+        raise AutojudgeError(f"--offset {offset} skips all {len(problems)} problems of {dataset}; lower it")
+    problems = problems[offset:][:limit]
     if mode_list == ["target"]:
         engine_kw["draft"] = None
-    config = {"dataset": dataset, "split": split, "limit": limit, "n_problems": len(problems), "modes": mode_list,
+    config = {"dataset": dataset, "split": split, "offset": offset, "limit": limit, "n_problems": len(problems), "modes": mode_list,
               "thresholds": taus, "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "single_stream": single_stream if batch_size > 1 else 0,
               "schedule": schedule, "topk": topk if "topk" in mode_list else None, "alphas": alpha_list,
