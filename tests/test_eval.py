@@ -232,7 +232,7 @@ def test_resume_refuses_other_settings(tmp_path, dataset, fake):
 
 def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
     judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
-    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes: {"autojudge": judge})
+    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: {"autojudge": judge})
     out = tmp_path / "r.json"
     result = _eval(["--dataset", dataset, "--judge", "j", "--max-new-tokens", 8, "--out", out])
     assert result.exit_code == 0, result.output
@@ -245,7 +245,7 @@ def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatc
 def test_each_judge_mode_decodes_with_its_own_head(tmp_path, dataset, fake, monkeypatch):
     heads = {"autojudge": SimpleNamespace(thresholds={"recall": {"0.9": 0.3}}),
              "judge": SimpleNamespace(thresholds={"recall": {"0.9": 0.05}})}
-    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes: heads)
+    monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: heads)
     out = tmp_path / "r.json"
     result = _eval(["--dataset", dataset, "--modes", "autojudge,judge", "--judge", "default", "--out", out])
     assert result.exit_code == 0, result.output

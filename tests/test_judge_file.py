@@ -199,3 +199,32 @@ def test_a_damaged_judge_is_refused_in_one_line(tmp_path, damage):
     message = str(err.value)
     assert needle in message and "\n" not in message, message
     assert str(st_path if "safetensors" in damage else json_path) in message, message
+
+
+def test_default_judge_follows_the_task_domain(tmp_path, monkeypatch):
+    """--judge default picks the shipped head for the task's domain; a domain with none shipped is refused in one
+    line that names the way out, and default-math / default-code name a domain outright."""
+    from autojudge.judge import judge_file
+    from autojudge.judge.judge_file import load_judge_for_engine
+
+    shipped = json.loads(judge_paths(Path(str(resources.files("autojudge") / "judges" / "default")))[1].read_text())
+    engine = SimpleNamespace(target=fake_dec(shipped["fingerprints"]["target"], 1536, "default-target"),
+                             draft=fake_dec(shipped["fingerprints"]["draft"], 896, "default-draft"))
+    math = load_judge_for_engine("default", engine, "autojudge", "gsm8k")
+    assert load_judge_for_engine("default-math", engine, "autojudge", "humaneval").meta == math.meta
+    if judge_file._shipped("autojudge", "code") is None:
+        for name, task in (("default", "humaneval"), ("default-code", None)):
+            with pytest.raises(AutojudgeError, match="no default autojudge judge for code is shipped in this version; "
+                                                     "train one .* or pass --judge default-math to use the math one"):
+                load_judge_for_engine(name, engine, "autojudge", task)
+        with pytest.raises(AutojudgeError, match="no default judge-decoding judge for code .* --judge default-math"):
+            load_judge_for_engine("default", engine, "judge", "humaneval")
+    # A code head shipped beside the math one is what `default` gives on code.
+    code = tmp_path / "judges"
+    code.mkdir()
+    for src in judge_paths(Path(str(resources.files("autojudge") / "judges" / "default"))):
+        (code / src.name.replace("default", "default-code")).write_bytes(src.read_bytes())
+    monkeypatch.setattr(judge_file, "_shipped", lambda kind, domain: (
+        code / "default-code.json" if (kind, domain) == ("autojudge", "code") else
+        Path(str(resources.files("autojudge") / "judges" / judge_file.SHIPPED_DEFAULT[kind, domain]))))
+    assert load_judge_for_engine("default", engine, "autojudge", "humaneval").meta == math.meta

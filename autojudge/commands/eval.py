@@ -31,7 +31,9 @@ def rows_path(out: Path) -> Path:
 @click.option("--alphas", default=None,
               help="... with probability >= ALPHA x the top token's: comma-separated, one run each "
                    f"[default: {DEFAULT_TOPK_ALPHA}].")
-@click.option("--judge", "judge_path", default=None, help="Judge file for modes autojudge/judge: PATH or 'default'.")
+@click.option("--judge", "judge_path", default=None,
+              help="Judge file for modes autojudge/judge: PATH, 'default' (the shipped one for the dataset's "
+                   "domain), 'default-math' or 'default-code'.")
 @click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help="Draft tokens per cycle.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report (JSON).")
@@ -77,7 +79,7 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
               **engine_kw, "rows": str(rows_path(out))}
 
     engine = engine_from_options(**engine_kw)
-    judges = runner.load_eval_judges(judge_path, engine, mode_list) if judge_path else {}
+    judges = runner.load_eval_judges(judge_path, engine, mode_list, problems[0].task) if judge_path else {}
     runs = runner.plan_runs(mode_list, taus, judges, alpha_list)
     log = runner.RowLog(rows_path(out), config, resume)
     rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens,

@@ -35,7 +35,8 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 decodes greedily.")
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens.")
-@click.option("--judge", "judge_path", default=None, help="Judge file (modes autojudge/judge): PATH or 'default'.")
+@click.option("--judge", "judge_path", default=None,
+              help="Judge file (modes autojudge/judge): PATH, 'default' (math), 'default-math' or 'default-code'.")
 @click.option("--threshold", default=None, type=float, help="Judge threshold tau: accept a mismatch when p < tau.")
 @click.option("--recall", default=None, type=float, help="Pick tau from the judge's stored thresholds by recall.")
 @click.option("--topk", default=None, type=int,

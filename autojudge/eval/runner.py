@@ -117,10 +117,10 @@ def judges_by_mode(judges: dict, topk: int) -> dict:
     return {**judges, "topk": TopkRule(k=topk)}
 
 
-def load_eval_judges(path: str, engine, modes: list[str]) -> dict:
+def load_eval_judges(path: str, engine, modes: list[str], task: str) -> dict:
     """The head of each judge mode in `modes`: the file at `path` (it must suit them all), or with 'default' the
-    head shipped for each mode."""
-    return {mode: load_judge_for_engine(path, engine, mode) for mode in modes if mode in JUDGE_MODES}
+    head shipped for each mode and `task`'s domain (`load_judge_for_engine`)."""
+    return {mode: load_judge_for_engine(path, engine, mode, task) for mode in modes if mode in JUDGE_MODES}
 
 
 def row_key(mode: str, threshold: float | None, problem_id: str) -> tuple:

@@ -240,20 +240,34 @@ def load_judge(path: str | Path, target, draft=None) -> Judge:
 
 SHIPPED_JUDGES = "judges"
 KIND_FOR_MODE = dict(zip(JUDGE_MODES, ("autojudge", "judge-decoding"), strict=True))
-# The heads shipped for the default pair, one per kind: --judge default picks the one its mode decodes with.
-SHIPPED_DEFAULT = {"autojudge": "default.json", "judge-decoding": "default-judge-decoding.json"}
+# The heads shipped for the default pair, by (kind, domain): a judge learns which mismatches matter in the text it
+# was mined on, so math and code each have their own. --judge default picks the one for the mode and the task
+# (math for free prompts); default-math and default-code name a domain.
+SHIPPED_DEFAULT = {("autojudge", "math"): "default.json", ("judge-decoding", "math"): "default-judge-decoding.json",
+                   ("autojudge", "code"): "default-code.json"}
+DOMAIN_OF_TASK = {"gsm8k": "math", "humaneval": "code"}
+DEFAULT_JUDGE_NAMES = {"default": None, "default-math": "math", "default-code": "code"}
 
 
-def load_judge_for_engine(path: str | Path, engine, mode: str | None = None) -> Judge:
-    """`path` or 'default' (the head shipped in the package for the default pair and `mode`, an AutoJudge head
-    when mode is None), checked against the engine's models and, when `mode` is given, against the kind of head
-    that mode decodes with."""
-    if str(path) == "default":
-        shipped = resources.files("autojudge") / SHIPPED_JUDGES / SHIPPED_DEFAULT[KIND_FOR_MODE.get(mode, "autojudge")]
-        if not shipped.is_file():
-            raise AutojudgeError("no default judge is shipped in this version; train one with `autojudge train` "
-                                 "and pass --judge PATH")
-        path = Path(str(shipped))
+def _shipped(kind: str, domain: str) -> Path | None:
+    name = SHIPPED_DEFAULT.get((kind, domain))
+    shipped = resources.files("autojudge") / SHIPPED_JUDGES / name if name else None
+    return Path(str(shipped)) if shipped is not None and shipped.is_file() else None
+
+
+def load_judge_for_engine(path: str | Path, engine, mode: str | None = None, task: str | None = None) -> Judge:
+    """`path`, or a shipped head for the default pair: 'default' (for `mode`, an AutoJudge head when mode is None,
+    and for `task`'s domain, math when None), 'default-math' or 'default-code'. Checked against the engine's
+    models and, when `mode` is given, against the kind of head that mode decodes with."""
+    if str(path) in DEFAULT_JUDGE_NAMES:
+        kind = KIND_FOR_MODE.get(mode, "autojudge")
+        domain = DEFAULT_JUDGE_NAMES[str(path)] or DOMAIN_OF_TASK.get(task, "math")
+        path = _shipped(kind, domain)
+        if path is None:
+            other = next((d for k, d in SHIPPED_DEFAULT if k == kind and d != domain and _shipped(k, d)), None)
+            hint = f", or pass --judge default-{other} to use the {other} one" if other else ""
+            raise AutojudgeError(f"no default {kind} judge for {domain} is shipped in this version; train one with "
+                                 f"`autojudge train` and pass --judge PATH{hint}")
     judge = load_judge(path, target=engine.target, draft=engine.draft)
     want = KIND_FOR_MODE.get(mode)
     if want is not None and judge.meta["kind"] != want:
