@@ -1,4 +1,5 @@
-"""Batched decoding with continuous batching: every row equals its batch-1 run (fp32, tiny models)."""
+"""Batched decoding with continuous batching, and the tokenwise schedule: every row equals its batch-1 run, cycle
+statistics included (fp32, tiny models)."""
 
 import json
 
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from autojudge import Engine
 from autojudge.commands import main
+from autojudge.engine.request import TopkRule
 from autojudge.errors import AutojudgeError
 from autojudge.judge.judge_file import Judge
 
@@ -37,15 +39,19 @@ def assert_rows_equal(batched, singles):
         assert got.token_ids == want.token_ids, i
         assert got.stats.finish_reason == want.stats.finish_reason, i
         assert got.stats.histogram == want.stats.histogram, i
+        assert (got.stats.cycles, got.stats.drafted_tokens, got.stats.judge_rescues) == \
+            (want.stats.cycles, want.stats.drafted_tokens, want.stats.judge_rescues), i
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8), max_batch=st.integers(1, 8),
-       window=st.integers(1, 16), budget=st.integers(1, 40), seed=st.integers(0, 100))
-def test_speculative_rows_equal_batch1(engine, lengths, max_batch, window, budget, seed):
+       window=st.integers(1, 16), budget=st.integers(1, 40), seed=st.integers(0, 100),
+       schedule=st.sampled_from(["cycles", "tokenwise"]))
+def test_speculative_rows_equal_batch1(engine, lengths, max_batch, window, budget, seed, schedule):
     prompts = prompts_of(lengths, seed)
     kw = dict(max_new_tokens=budget, mode="speculative", window=window, ignore_eos=True)
-    assert_rows_equal(engine.generate_batch(prompts, max_batch=max_batch, **kw), batch1(engine, prompts, **kw))
+    got = engine.generate_batch(prompts, max_batch=max_batch, schedule=schedule, **kw)
+    assert_rows_equal(got, batch1(engine, prompts, **kw))
 
 
 def test_on_output_hands_over_each_row_once(engine):
@@ -104,11 +110,15 @@ def test_self_draft_fills_windows_to_the_cache_end(tiny_pair):
     assert all(o.stats.finish_reason == "cache_full" for o in got)
 
 
+def random_judge(engine, setup, seed):
+    dim = engine.target.config.hidden_size + (engine.draft.config.hidden_size if setup == "DD-DT" else 0)
+    weight = torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * 0.3
+    return Judge(weight=weight, bias=torch.tensor([0.0]), setup=setup, thresholds={}, meta={})
+
+
 @pytest.mark.parametrize("setup", ["DT", "DD-DT"])
 def test_judged_rows_equal_batch1(engine, setup):
-    dim = engine.target.config.hidden_size + (engine.draft.config.hidden_size if setup == "DD-DT" else 0)
-    weight = torch.randn(dim, generator=torch.Generator().manual_seed(5)) * 0.3
-    judge = Judge(weight=weight, bias=torch.tensor([0.0]), setup=setup, thresholds={}, meta={})
+    judge = random_judge(engine, setup, seed=5)
     prompts = prompts_of([6, 19, 3, 11, 25], seed=6)
     for window, budget in ((4, 33), (7, 18)):
         kw = dict(max_new_tokens=budget, mode="autojudge", window=window, ignore_eos=True, judge=judge,
@@ -306,3 +316,46 @@ def test_prompt_states_skip_prefills_and_change_nothing(engine, monkeypatch):
     want = batch1(engine, prompts, **spec_kw)
     assert_rows_equal(got_spec, want)
     assert_rows_equal(again, want)
+
+
+# ------------------------------------------------------------------ the tokenwise schedule (autojudge.engine.tokenwise)
+
+def assert_tokenwise_equals_batch1(engine, prompts, max_batch, **kw):
+    got = engine.generate_batch(prompts, max_batch=max_batch, schedule="tokenwise", **kw)
+    assert_rows_equal(got, batch1(engine, prompts, **kw))
+    return got
+
+
+@pytest.mark.parametrize("mode,setup", [("autojudge", "DD-DT"), ("autojudge", "DT"), ("judge", "DT"), ("topk", None)])
+def test_tokenwise_lossy_rows_equal_batch1_with_the_same_rescues(engine, mode, setup):
+    judge = TopkRule(k=3) if mode == "topk" else random_judge(engine, setup, seed=5)
+    threshold = 0.05 if mode == "topk" else 0.5
+    prompts = prompts_of([6, 19, 3, 11, 25, 8], seed=6)
+    for window, budget in ((4, 33), (7, 18), (16, 45)):
+        got = assert_tokenwise_equals_batch1(engine, prompts, 3, max_new_tokens=budget, mode=mode, window=window,
+                                             ignore_eos=True, judge=judge, threshold=threshold)
+        assert sum(o.stats.judge_rescues for o in got) > 0
+
+
+def test_tokenwise_eos_inside_a_cycle_and_the_cache_end(engine):
+    prompts = prompts_of([4, 12, 7, 20, 3, 9, 15], seed=2) + prompts_of([MAX_SEQ - 12], seed=3)
+    kw = dict(max_new_tokens=40, mode="autojudge", window=6, judge=random_judge(engine, "DD-DT", 7), threshold=0.5)
+    free = engine.generate_batch(prompts, max_batch=3, ignore_eos=True, **kw)
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({free[1].token_ids[5]})  # rows stop at uneven lengths, mid-cycle
+    try:
+        got = assert_tokenwise_equals_batch1(engine, prompts, 3, **kw)
+    finally:
+        engine.eos_token_ids = saved
+    assert {o.stats.finish_reason for o in got} >= {"eos", "cache_full"}
+
+
+def test_tokenwise_target_mode_and_bad_requests(engine):
+    prompts = prompts_of([5, 9], seed=8)
+    kw = dict(max_new_tokens=12, mode="target", ignore_eos=True)
+    got = engine.generate_batch(prompts, schedule="tokenwise", **kw)
+    assert [o.token_ids for o in got] == [engine.generate(p, **kw).token_ids for p in prompts]
+    with pytest.raises(AutojudgeError, match="tokenwise schedule replays greedy cycles; drop --temperature"):
+        engine.generate_batch(prompts, schedule="tokenwise", temperature=0.7)
+    with pytest.raises(AutojudgeError, match="unknown schedule 'steps'; choose one of cycles, tokenwise"):
+        engine.generate_batch(prompts, schedule="steps")
