@@ -43,7 +43,7 @@ def assert_rows_equal(batched, singles):
             (want.stats.cycles, want.stats.drafted_tokens, want.stats.judge_rescues), i
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8), max_batch=st.integers(1, 8),
        window=st.integers(1, 16), budget=st.integers(1, 40), seed=st.integers(0, 100),
        schedule=st.sampled_from(["cycles", "tokenwise"]))
