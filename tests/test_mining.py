@@ -477,7 +477,7 @@ def test_store_refuses_to_overwrite_or_mix_runs(tmp_path):
 
 def test_shards_partition_problems():
     problems = _problems(10)
-    shards = [select_problems(problems, 7, parse_shard(f"{i}/3")) for i in range(3)]
+    shards = [select_problems(problems[:7], parse_shard(f"{i}/3")) for i in range(3)]
     ids = [p.problem_id for shard in shards for p in shard]
     assert sorted(ids) == sorted(p.problem_id for p in problems[:7])
     assert [p.problem_id for p in shards[1]] == ["p1", "p4"]
@@ -544,6 +544,10 @@ def test_cli_shards_cover_a_full_run(tiny_pair, dataset, tmp_path, monkeypatch):
     assert [r["problem_id"] for r in read_rows(shards[1], "problem")] == ["tiny/1", "tiny/3"]
     full_rows = _comparable(full)[1:]
     assert [row for pid in sorted(by_problem) for row in by_problem[pid]] == full_rows
+    # --offset continues the numbering in another file: its problems' rows are the full run's.
+    tail = tmp_path / "tail.jsonl"
+    _cli(_args(tiny_pair, dataset, tail, "--offset", "2", "--limit", "3"), monkeypatch)
+    assert _comparable(tail)[1:] == [row for row in full_rows if row["problem_id"] in ("tiny/2", "tiny/3", "tiny/4")]
 
 
 def test_cli_errors(tiny_pair, dataset, tmp_path):
@@ -555,6 +559,9 @@ def test_cli_errors(tiny_pair, dataset, tmp_path):
     assert isinstance(result.exception, AutojudgeError) and "file not found" in str(result.exception)
     result = CliRunner().invoke(mine, _args(tiny_pair, dataset, tmp_path / "o.jsonl", "--max-new-tokens", "250"))
     assert isinstance(result.exception, AutojudgeError) and "raise --max-seq-len" in str(result.exception)
+    assert not (tmp_path / "o.jsonl").exists()
+    result = CliRunner().invoke(mine, _args(tiny_pair, dataset, tmp_path / "o.jsonl", "--offset", "16"))
+    assert isinstance(result.exception, AutojudgeError) and "--offset 16 skips all 16 problems" in str(result.exception)
     assert not (tmp_path / "o.jsonl").exists()
 
 

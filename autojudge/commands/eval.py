@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.commands.options import (
+    engine_from_options,
+    engine_options,
+    problem_range,
+    problem_range_options,
+)
 from autojudge.engine.request import DEFAULT_TOPK, DEFAULT_TOPK_ALPHA, DEFAULT_WINDOW, SCHEDULES
 
 
@@ -17,9 +22,7 @@ def rows_path(out: Path) -> Path:
 @click.command("eval")
 @click.option("--dataset", default="gsm8k", show_default=True, help="gsm8k, humaneval or a PATH.jsonl (GSM8K rows).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Skip the first N problems (held-out problems after those a judge was mined on).")
-@click.option("--limit", type=int, default=None, help="Only the first N problems (after --offset).")
+@problem_range_options
 @click.option("--modes", default=None,
               help="Comma-separated: target, speculative, autojudge, judge, topk "
                    "[default: target,speculative, plus autojudge with --judge].")
@@ -62,14 +65,9 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
     taus = runner.parse_thresholds(thresholds)
     alpha_list = runner.parse_thresholds(alphas, "--alphas")
     runner.validate(mode_list, taus, judge_path is not None, window, max_new_tokens, alpha_list)
-    if limit is not None and limit < 1:
-        raise AutojudgeError(f"--limit must be at least 1, got {limit}")
     if schedule != "cycles" and batch_size == 1:
         raise AutojudgeError(f"--schedule {schedule} applies to batched decoding; add --batch-size N (N > 1)")
-    problems = load_dataset(dataset, split)
-    if offset >= len(problems):
-        raise AutojudgeError(f"--offset {offset} skips all {len(problems)} problems of {dataset}; lower it")
-    problems = problems[offset:][:limit]
+    problems = problem_range(load_dataset(dataset, split), offset, limit, dataset)
     if mode_list == ["target"]:
         engine_kw["draft"] = None
     config = {"dataset": dataset, "split": split, "offset": offset, "limit": limit, "n_problems": len(problems), "modes": mode_list,

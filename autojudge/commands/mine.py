@@ -9,7 +9,12 @@ from pathlib import Path
 
 import click
 
-from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.commands.options import (
+    engine_from_options,
+    engine_options,
+    problem_range,
+    problem_range_options,
+)
 from autojudge.engine.request import DEFAULT_WINDOW
 from autojudge.errors import AutojudgeError
 from autojudge.judge.features import StoredFeatures, model_identity
@@ -32,10 +37,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def select_problems(problems: list[Problem], limit: int | None, shard: tuple[int, int]) -> list[Problem]:
-    """The first `limit` problems, then every n-th from i: shards of one --limit cover it exactly."""
+def select_problems(problems: list[Problem], shard: tuple[int, int]) -> list[Problem]:
+    """Every n-th problem from i: shards of one --offset/--limit range cover it exactly."""
     i, n = shard
-    return [p for index, p in enumerate(problems[:limit]) if index % n == i]
+    return [p for index, p in enumerate(problems) if index % n == i]
 
 
 def _check_fits(problems: list[Problem], prompts: list[list[int]], max_new_tokens: int, max_seq_len: int):
@@ -105,7 +110,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
               help="gsm8k, humaneval, or a PATH.jsonl with 'question' and 'answer' ('... #### N') per line.")
 @click.option("--split", type=click.Choice(["train", "test"]), default=None,
               help="Dataset split [default: train for gsm8k, test for humaneval].")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Mine only the first N problems.")
+@problem_range_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out file, skipping finished problems.")
 @click.option("--shard", default="0/1", show_default=True, help="I/N: mine problems whose index % N == I.")
@@ -134,7 +139,7 @@ def run_mining(engine, problems: list[Problem], prompts: list[list[int]], checke
                    "instead of running the models over every label again.")
 @click.option("--checker", "checker_spec", default=None, hidden=True,
               help="MODULE:FUNCTION(problem, text) -> outcome, replacing the task's checker.")
-def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prompt_template,
+def mine(dataset, split, offset, limit, out, resume, shard, max_new_tokens, window, prompt_template,
          speculative, reuse_continuation, skip_truncated, batch_size, snapshot_dir, save_features, checker_spec,
          **engine_kwargs):
     """Mine important/unimportant labels for draft/target mismatches (AutoJudge)."""
@@ -142,7 +147,7 @@ def mine(dataset, split, limit, out, resume, shard, max_new_tokens, window, prom
     if snapshot_dir is not None and batch_size == 1:
         raise AutojudgeError("--snapshot-dir saves the cache rows of batched mining; add --batch-size 2 or more")
     split = split or ("test" if dataset == "humaneval" else "train")
-    problems = select_problems(load_dataset(dataset, split), limit, shard)
+    problems = select_problems(problem_range(load_dataset(dataset, split), offset, limit, dataset), shard)
     if engine_kwargs.get("draft") in (None, "none"):
         raise AutojudgeError("mining compares a draft with the target; pass --draft")
     task = "humaneval" if dataset == "humaneval" else "gsm8k"

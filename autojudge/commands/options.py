@@ -37,3 +37,27 @@ def engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda
         target=target, draft=None if draft in (None, "none") else draft, device=device,
         dtype=dtype, max_seq_len=max_seq_len, kernels=kernels, cuda_graphs=cuda_graphs,
     )
+
+
+def problem_range_options(fn):
+    """--offset/--limit: which problems of a dataset a command takes (mining and eval share the numbering, so
+    `eval --offset N` holds out what `mine --limit N` labelled)."""
+    @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Skip the first N problems (e.g. those already mined into another file, or those a judge "
+                       "was mined on).")
+    @click.option("--limit", type=int, default=None, help="Only the first N problems (after --offset).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def problem_range(problems: list, offset: int, limit: int | None, dataset: str) -> list:
+    from autojudge.errors import AutojudgeError
+
+    if limit is not None and limit < 1:
+        raise AutojudgeError(f"--limit must be at least 1, got {limit}")
+    if offset >= len(problems):
+        raise AutojudgeError(f"--offset {offset} skips all {len(problems)} problems of {dataset}; lower it")
+    return problems[offset:][:limit]
