@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from autojudge import Engine
 from autojudge.commands import main
@@ -223,6 +224,33 @@ def test_train_cli_end_to_end(tiny_qwen, small_draft, tmp_path):
     other_eng = Engine.from_pretrained(target=str(other), draft=None, max_seq_len=64)
     with pytest.raises(AutojudgeError, match="retrain with `autojudge train`"):
         load_judge(tmp_path / "v", target=other_eng.target)
+
+
+def test_train_on_several_label_files_is_training_on_their_rows(tiny_qwen, small_draft, tmp_path):
+    """Problem ranges mined into separate files (`mine --offset`) train one judge: the same head as one file holding
+    all their rows, with every file named in the judge."""
+    rows = label_rows(12)
+    half = next(i for i, r in enumerate(rows) if r["problem_id"] == "p6")
+    whole, first, second = (write_jsonl(tmp_path / name, part) for name, part in
+                            (("all.jsonl", rows), ("a.jsonl", rows[:half]), ("b.jsonl", rows[half:])))
+    engine_args = ["--target", str(tiny_qwen), "--draft", str(small_draft), "--max-seq-len", "128"]
+    runner = CliRunner()
+    for stem, files in (("one", [whole]), ("two", [first, second])):
+        args = [arg for path in files for arg in ("--labels", str(path))]
+        res = runner.invoke(main, ["train", *args, "--out", str(tmp_path / stem), *engine_args])
+        assert res.exit_code == 0, res.output
+    one, two = (json.loads((tmp_path / f"{stem}.json").read_text()) for stem in ("one", "two"))
+    assert [s["file"] for s in one["trained_on"]] == ["all.jsonl"]
+    assert [s["file"] for s in two["trained_on"]] == ["a.jsonl", "b.jsonl"]
+    assert one["report"]["val_auc"] == two["report"]["val_auc"] and one["thresholds"] == two["thresholds"]
+    weights = [load_file(str(tmp_path / f"{stem}.safetensors")) for stem in ("one", "two")]
+    torch.testing.assert_close(weights[0], weights[1])
+    res = runner.invoke(main, ["train", "--labels", str(first), "--labels", str(second), "--out", str(tmp_path / "x"),
+                               "--features", str(tmp_path / "f.safetensors"), *engine_args])
+    assert res.exit_code == 1 and "one --labels file" in res.output and not (tmp_path / "x.json").exists()
+    res = runner.invoke(main, ["train", "--labels", str(first), "--annotations", str(second), "--out",
+                               str(tmp_path / "x"), *engine_args])
+    assert res.exit_code == 1 and "exactly one of --labels" in res.output
 
 
 def test_rows_sharing_a_prefix_share_one_pass():

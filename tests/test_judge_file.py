@@ -104,7 +104,7 @@ def test_shipped_default_judge_is_for_the_mined_default_pair():
     """The judge in the package was trained on the committed default-pair labels: same models, sizes, precision."""
     shipped = Path(str(resources.files("autojudge") / "judges" / "default"))
     meta = json.loads(judge_paths(shipped)[1].read_text())
-    labels = Path(__file__).parents[1] / "data" / "mined" / "default" / meta["trained_on"]["file"]
+    labels = Path(__file__).parents[1] / "data" / "mined" / "default" / meta["trained_on"][0]["file"]
     mined = json.loads(labels.read_text().splitlines()[0])
     assert meta["kind"] == "autojudge" and meta["setup"] == "DD-DT"
     assert meta["hidden_sizes"] == {"draft": 896, "target": 1536}
@@ -142,11 +142,11 @@ def test_default_judge_follows_the_mode(tmp_path):
         load_judge_for_engine(judge_paths(Path(str(resources.files("autojudge") / "judges" / "default")))[1],
                               engine, "judge")
 
-    limit = int(head.meta["trained_on"]["file"].removeprefix("ann-").removesuffix(".jsonl"))
+    limit = int(head.meta["trained_on"][0]["file"].removeprefix("ann-").removesuffix(".jsonl"))
     out = tmp_path / "ann.jsonl"
     result = CliRunner().invoke(main, ["annotate", "--limit", str(limit), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == head.meta["trained_on"]["sha256"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == head.meta["trained_on"][0]["sha256"]
 
 
 def _truncate(path):

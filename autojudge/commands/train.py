@@ -7,9 +7,19 @@ from pathlib import Path
 import click
 
 from autojudge.commands.options import engine_from_options, engine_options
-from autojudge.judge.features import SETUPS, feature_set
+from autojudge.errors import AutojudgeError
+from autojudge.judge.features import SETUPS, feature_set, merge_feature_sets
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _feature_sets(eng, labels: tuple[Path, ...], annotations: Path | None, setup: str | None, cache: Path | None):
+    """(features, cache path, reused) for each source file: one per --labels file, or the --annotations file."""
+    if len(labels) > 1 and cache is not None:
+        raise AutojudgeError("a feature file holds one source's features: give one --labels file with it, or drop it "
+                             "to use each file's own cache")
+    sources = [dict(labels=path, annotations=annotations) for path in labels] or [dict(annotations=annotations)]
+    return [feature_set(eng, setup=setup, cache=cache, **source) for source in sources]
 
 
 def _source_options(fn):
@@ -18,7 +28,9 @@ def _source_options(fn):
                            "default and only choice for --annotations).")(fn)
     fn = click.option("--annotations", type=_FILE, default=None,
                       help="Judge Decoding JSONL: {prompt, response, first_error}.")(fn)
-    fn = click.option("--labels", type=_FILE, default=None, help="Label rows from `autojudge mine` (JSONL).")(fn)
+    fn = click.option("--labels", type=_FILE, multiple=True,
+                      help="Label rows from `autojudge mine` (JSONL); repeat it to train on several files mined "
+                           "with the same models.")(fn)
     return fn
 
 
@@ -30,10 +42,10 @@ def _source_options(fn):
 def features(labels, annotations, setup, out, **engine_kw):
     """Compute (or reuse cached) judge features for mined labels or annotated responses."""
     eng = engine_from_options(**engine_kw)
-    fs, path, reused = feature_set(eng, labels=labels, annotations=annotations, setup=setup, cache=out)
-    state = "up to date" if reused else "written"
-    click.echo(f"{path}: {state} ({fs.features.shape[0]} rows x {fs.features.shape[1]} features, "
-               f"{int(fs.important.sum())} important, setup {fs.meta['setup']})")
+    for fs, path, reused in _feature_sets(eng, labels, annotations, setup, out):
+        state = "up to date" if reused else "written"
+        click.echo(f"{path}: {state} ({fs.features.shape[0]} rows x {fs.features.shape[1]} features, "
+                   f"{int(fs.important.sum())} important, setup {fs.meta['setup']})")
 
 
 @click.command()
@@ -52,7 +64,6 @@ def features(labels, annotations, setup, out, **engine_kw):
 @engine_options
 def train(labels, annotations, setup, out, features_path, export, val_fraction, seed, curve, **engine_kw):
     """Train a logistic-regression judge head and write the judge file."""
-    from autojudge.errors import AutojudgeError
     from autojudge.eval.runner import parse_thresholds
     from autojudge.judge.judge_file import export_vllm, save_judge
     from autojudge.judge.train import check_fractions, learning_curve, train_judge
@@ -63,8 +74,10 @@ def train(labels, annotations, setup, out, features_path, export, val_fraction, 
     if fractions is not None:
         check_fractions(fractions)
     eng = engine_from_options(**engine_kw)
-    fs, path, reused = feature_set(eng, labels=labels, annotations=annotations, setup=setup, cache=features_path)
-    click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {fs.features.shape[0]} rows)", err=True)
+    sets = _feature_sets(eng, labels, annotations, setup, features_path)
+    for one, path, reused in sets:
+        click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {one.features.shape[0]} rows)", err=True)
+    fs = merge_feature_sets([one for one, _, _ in sets])
     result = train_judge(fs.features, fs.important, fs.groups, val_fraction=val_fraction, seed=seed)
     if fractions is not None:
         result.report["learning_curve"] = learning_curve(fs.features, fs.important, fs.groups, fractions,

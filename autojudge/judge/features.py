@@ -388,3 +388,20 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
     save_features(path, fs)
     checkpoint.remove()
     return fs, path, False
+
+
+def merge_feature_sets(sets: list[FeatureSet]) -> FeatureSet:
+    """One training set from several label files made for the same models (problem ranges mined in turn, or in
+    another precision): rows concatenated, a problem that appears in two files kept as one validation group."""
+    if len(sets) == 1:
+        return sets[0]
+    meta = {k: v for k, v in sets[0].meta.items() if k not in ("source", "source_sha256", "key")}
+    meta["sources"] = [{"file": Path(fs.meta["source"]).name, "sha256": fs.meta["source_sha256"]} for fs in sets]
+    return FeatureSet(torch.cat([fs.features for fs in sets]), torch.cat([fs.important for fs in sets]),
+                      [g for fs in sets for g in fs.groups], meta)
+
+
+def trained_on(meta: dict) -> list[dict]:
+    """The label or annotation files a feature set came from, as a judge file records them."""
+    return meta.get("sources") or [{"file": Path(meta["source"]).name, "sha256": meta["source_sha256"]}]
+

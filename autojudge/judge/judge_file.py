@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from autojudge.engine.loading import read_safetensors
 from autojudge.engine.request import JUDGE_MODES, check_threshold
 from autojudge.errors import AutojudgeError
-from autojudge.judge.features import BLOCKS
+from autojudge.judge.features import BLOCKS, trained_on
 from autojudge.judge.train import TrainResult
 
 FORMAT = "autojudge-judge"
@@ -58,7 +58,7 @@ def save_judge(stem: str | Path, result: TrainResult, feature_meta: dict) -> tup
         "fingerprints": feature_meta["fingerprints"],
         "models": feature_meta["models"],
         "dtypes": feature_meta["dtypes"],
-        "trained_on": {"file": Path(feature_meta["source"]).name, "sha256": feature_meta["source_sha256"]},
+        "trained_on": trained_on(feature_meta),
         "score": "p_important = sigmoid(features @ weight + bias); accept a mismatch when p_important < threshold",
         "thresholds": result.thresholds,
         "default_threshold": result.default_threshold,
