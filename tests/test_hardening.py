@@ -81,14 +81,16 @@ def test_a_cache_beyond_memory_is_refused_before_allocating(tiny_qwen):
                      r"\(\d+ bytes\) is available", message), message
 
 
-def test_the_memory_estimate_is_what_the_cache_allocates(tiny_qwen, monkeypatch):
-    dec = Engine.from_pretrained(target=str(tiny_qwen), draft=None, max_seq_len=64, kernels="eager").target
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_memory_estimate_is_what_the_cache_allocates(tiny_qwen, monkeypatch, precision):
+    dec = Engine.from_pretrained(target=str(tiny_qwen), draft=None, max_seq_len=64, kernels="eager",
+                                 dtype=precision).target
     transformer, dtype = dec.model, dec.model.lm_head.weight.dtype
     for batch in (1, 3):
         transformer.setup_cache(64, batch=batch)
-        assert model.cache_bytes(dec.config, 64, batch, dtype) == sum(b.nbytes for b in transformer.buffers())
+        assert model.cache_bytes(dec.config, 64, batch, dtype, "cpu") == sum(b.nbytes for b in transformer.buffers())
     # Just too little room for a bigger cache: what the cache it replaces holds counts as room.
-    need, held = model.cache_bytes(dec.config, 128, 3, dtype), sum(b.nbytes for b in transformer.buffers())
+    need, held = model.cache_bytes(dec.config, 128, 3, dtype, "cpu"), sum(b.nbytes for b in transformer.buffers())
     monkeypatch.setattr(model, "available_memory", lambda device: need - held - 1)
     with pytest.raises(AutojudgeError, match=r"a KV cache of 128 tokens x 3 rows needs .* lower --max-seq-len"):
         transformer.setup_cache(128, batch=3)

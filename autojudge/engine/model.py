@@ -53,10 +53,19 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def cache_bytes(cfg: ModelConfig, max_seq_len: int, batch: int, dtype: torch.dtype) -> int:
-    """What `Transformer.setup_cache` allocates: keys and values of every layer, the RoPE tables, the positions."""
-    per_slot = (2 * cfg.num_layers * batch * cfg.num_kv_heads + 2) * cfg.head_dim * dtype.itemsize + 8
-    return (max_seq_len + 1) * per_slot
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """Keys and values stay fp32 on a CPU whatever the weights' precision: torch's CPU attention in bf16 (SDPA and
+    the few-row products of a decode step alike) runs ~6x slower than in fp32 even with AVX512_BF16, while bf16
+    projections run ~3.6x faster than fp32 ones (bench/RESULTS.md). Accelerators keep the weights' precision."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
+def cache_bytes(cfg: ModelConfig, max_seq_len: int, batch: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """What `Transformer.setup_cache` allocates: keys and values of every layer with their row ids, the RoPE
+    tables, the positions."""
+    kv_itemsize = kv_cache_dtype(dtype, device).itemsize
+    per_slot = (2 * cfg.num_layers * batch * cfg.num_kv_heads * kv_itemsize + 2 * dtype.itemsize) * cfg.head_dim + 8
+    return (max_seq_len + 1) * per_slot + cfg.num_layers * batch * 8
 
 
 class Linear(nn.Linear):
@@ -101,13 +110,16 @@ class KVCache(nn.Module):
         # Zeros, not empty: a masked slot gets weight exactly 0, but 0 * NaN from stale memory is still NaN.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("row_ids", torch.arange(shape[0], device=device)[:, None], persistent=False)
 
     def update(self, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Writes k/v [B, H, T, D] of cache rows `rows` at per-row slots `positions` [B, T]; returns those rows."""
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         keys, values = self.k[rows], self.v[rows]
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # An indexed write, not scatter_: torch's CPU scatter_ in bf16 takes ~600x its fp32 time (95 ms for one
+        # token of 128 rows, bench/RESULTS.md), more than the layer's products.
+        slot = (self.row_ids[: k.shape[0]], slice(None), positions)
+        keys[slot] = k.transpose(1, 2).to(keys.dtype)
+        values[slot] = v.transpose(1, 2).to(values.dtype)
         return keys, values
 
 
@@ -143,10 +155,10 @@ class Attention(nn.Module):
             return self.o_proj(out.reshape(bsz, seqlen, -1))
         k_all, v_all = self.kv_cache.update(rows, positions, k, v)
         out = F.scaled_dot_product_attention(
-            q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=visible,
+            q.to(k_all.dtype), k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=visible,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _attend_segments(self, q, k, v, segments: list[Segment]):
         """q [H, N, D], k/v [H_kv, N, D] of a packed batch: each segment writes its keys/values into its own cache
@@ -160,7 +172,7 @@ class Attention(nn.Module):
             cache.v[segment.row, :, slots] = v[:, span]
             visible = slice(segment.row, segment.row + 1), slice(None), slice(0, slots.stop)
             out[:, span] = F.scaled_dot_product_attention(
-                q[None, :, span], cache.k[visible], cache.v[visible], attn_mask=segment.mask,
+                q[None, :, span].to(cache.k.dtype), cache.k[visible], cache.v[visible], attn_mask=segment.mask,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )[0]
         return out
@@ -235,7 +247,7 @@ class Transformer(nn.Module):
         shape = ((batch, slots, cfg.num_kv_heads, cfg.head_dim) if flash_attn is not None
                  else (batch, cfg.num_kv_heads, slots, cfg.head_dim))
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(shape, param.dtype, param.device)
+            layer.self_attn.kv_cache = KVCache(shape, kv_cache_dtype(param.dtype, param.device), param.device)
             layer.self_attn.flash_attn = flash_attn
         inv_freq = cfg.rope_inv_freq().to(param.device)
         freqs = torch.outer(torch.arange(slots, device=param.device, dtype=torch.float32), inv_freq)
@@ -251,7 +263,7 @@ class Transformer(nn.Module):
         """Refuses a cache that cannot fit, which would otherwise fail deep in the allocator or, on a host that
         overcommits memory, swap until it is killed."""
         param = self.lm_head.weight
-        need = cache_bytes(self.config, max_seq_len, batch, param.dtype)
+        need = cache_bytes(self.config, max_seq_len, batch, param.dtype, param.device)
         # A cache set up before is dropped as the new one replaces it.
         free = available_memory(param.device) + sum(b.nbytes for b in self.buffers())
         if need > free:
