@@ -253,6 +253,35 @@ def test_train_on_several_label_files_is_training_on_their_rows(tiny_qwen, small
     assert res.exit_code == 1 and "exactly one of --labels" in res.output
 
 
+def test_unfinished_adds_the_checkpointed_labels_of_problems_in_flight(tiny_qwen, small_draft, tmp_path):
+    """`--unfinished` reads LABELS.inflight too: the labels of a problem's last start, none of a finished problem's
+    (a resume drops those rows; until then they are in both files), and the judge names both files."""
+    rows = label_rows(6)
+    labels = write_jsonl(tmp_path / "labels.jsonl", rows[:10])  # p0, p1 finished
+    steps = [r for r in rows[10:] if r.get("kind") != "problem"]  # p2 .. p5, four labels each
+    answer = {"kind": "answer", "answer_ids": [1, 2]}
+    inflight = [
+        {**answer, "problem_id": "p1"}, {"kind": "step", "problem_id": "p1", "label": rows[1]},  # finished since
+        {**answer, "problem_id": "p2"}, {"kind": "step", "problem_id": "p2", "label": steps[0]},  # restarted:
+        {**answer, "problem_id": "p2"}, *({"kind": "step", "problem_id": "p2", "label": r} for r in steps[:2]),
+        {**answer, "problem_id": "p3"}, {"kind": "step", "problem_id": "p3", "label": steps[4]},
+    ]
+    write_jsonl(tmp_path / "labels.jsonl.inflight", inflight)
+    engine_args = ["--target", str(tiny_qwen), "--draft", str(small_draft), "--max-seq-len", "128"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["features", "--labels", str(labels), *engine_args])
+    assert res.exit_code == 0 and "(8 rows x" in res.output, res.output
+    res = runner.invoke(main, ["train", "--labels", str(labels), "--unfinished", "--out", str(tmp_path / "j"),
+                               "--val-fraction", "0.25", *engine_args])
+    assert res.exit_code == 0, res.output
+    assert "11 rows" in res.output and "from 4 problems" in res.output, res.output
+    meta = json.loads((tmp_path / "j.json").read_text())
+    assert [f["file"] for f in meta["trained_on"]] == ["labels.jsonl", "labels.jsonl.inflight"]
+    res = runner.invoke(main, ["train", "--annotations", str(labels), "--unfinished", "--out", str(tmp_path / "x"),
+                               *engine_args])
+    assert res.exit_code == 1 and "--unfinished" in res.output
+
+
 def test_rows_sharing_a_prefix_share_one_pass():
     prompts = [(1, 2)] * 3 + [(9,)]
     seqs = [(1, 2, 5), (1, 2, 5, 6, 7), (1, 2, 4), (9, 5, 6)]

@@ -21,8 +21,8 @@ from autojudge.judge.features import (
     feature_set,
     label_features,
     model_identity,
-    read_label_rows,
 )
+from autojudge.judge.labels import read_label_rows
 from autojudge.mining.batched import mine_all
 from autojudge.mining.miner import Cost, Miner, MiningOptions
 from autojudge.mining.snapshots import CacheSnapshots
@@ -632,6 +632,11 @@ def test_a_run_killed_mid_problem_goes_on_from_its_last_label(tiny_pair, dataset
     assert unfinished not in {r["problem_id"] for r in read_rows(interrupted, "problem")}
     inflight = read_rows(Path(f"{interrupted}.inflight"))
     assert [r["kind"] for r in inflight if r["problem_id"] == unfinished] == ["answer", "step"]
+    # Its checkpointed label is final, so training may read it before the run ends (`train --unfinished`).
+    finished = read_label_rows(interrupted)
+    with_unfinished = read_label_rows(interrupted, unfinished=True)
+    assert with_unfinished[: len(finished)] == finished and len(with_unfinished) == len(finished) + 1
+    assert with_unfinished[-1]["problem_id"] == unfinished and with_unfinished[-1] in read_label_rows(reference)
     code, output, resumed_calls = run(interrupted, tmp_path / "resumed.calls", "--resume")
     assert code == 0, output
     assert _by_problem(interrupted) == _by_problem(reference)

@@ -13,13 +13,14 @@ from autojudge.judge.features import SETUPS, feature_set, merge_feature_sets
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def _feature_sets(eng, labels: tuple[Path, ...], annotations: Path | None, setup: str | None, cache: Path | None):
+def _feature_sets(eng, labels: tuple[Path, ...], annotations: Path | None, setup: str | None, cache: Path | None,
+                  unfinished: bool):
     """(features, cache path, reused) for each source file: one per --labels file, or the --annotations file."""
     if len(labels) > 1 and cache is not None:
         raise AutojudgeError("a feature file holds one source's features: give one --labels file with it, or drop it "
                              "to use each file's own cache")
     sources = [dict(labels=path, annotations=annotations) for path in labels] or [dict(annotations=annotations)]
-    return [feature_set(eng, setup=setup, cache=cache, **source) for source in sources]
+    return [feature_set(eng, setup=setup, cache=cache, unfinished=unfinished, **source) for source in sources]
 
 
 def _source_options(fn):
@@ -28,6 +29,9 @@ def _source_options(fn):
                            "default and only choice for --annotations).")(fn)
     fn = click.option("--annotations", type=_FILE, default=None,
                       help="Judge Decoding JSONL: {prompt, response, first_error}.")(fn)
+    fn = click.option("--unfinished", is_flag=True,
+                      help="With --labels: also the labels of problems still in flight (checkpointed in "
+                           "LABELS.inflight, each final when written), to train while a long run goes on.")(fn)
     fn = click.option("--labels", type=_FILE, multiple=True,
                       help="Label rows from `autojudge mine` (JSONL); repeat it to train on several files mined "
                            "with the same models.")(fn)
@@ -39,10 +43,10 @@ def _source_options(fn):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Feature file (.safetensors); default: next to the input, named by its cache key.")
 @engine_options
-def features(labels, annotations, setup, out, **engine_kw):
+def features(labels, unfinished, annotations, setup, out, **engine_kw):
     """Compute (or reuse cached) judge features for mined labels or annotated responses."""
     eng = engine_from_options(**engine_kw)
-    for fs, path, reused in _feature_sets(eng, labels, annotations, setup, out):
+    for fs, path, reused in _feature_sets(eng, labels, annotations, setup, out, unfinished):
         state = "up to date" if reused else "written"
         click.echo(f"{path}: {state} ({fs.features.shape[0]} rows x {fs.features.shape[1]} features, "
                    f"{int(fs.important.sum())} important, setup {fs.meta['setup']})")
@@ -62,7 +66,7 @@ def features(labels, annotations, setup, out, **engine_kw):
               help="Comma-separated shares of the training problems, e.g. 0.25,0.5,1: validation ROC-AUC of a "
                    "head trained on each (same validation problems), in the output and the judge's report.")
 @engine_options
-def train(labels, annotations, setup, out, features_path, export, val_fraction, seed, curve, **engine_kw):
+def train(labels, unfinished, annotations, setup, out, features_path, export, val_fraction, seed, curve, **engine_kw):
     """Train a logistic-regression judge head and write the judge file."""
     from autojudge.eval.runner import parse_thresholds
     from autojudge.judge.judge_file import export_vllm, save_judge
@@ -74,7 +78,7 @@ def train(labels, annotations, setup, out, features_path, export, val_fraction, 
     if fractions is not None:
         check_fractions(fractions)
     eng = engine_from_options(**engine_kw)
-    sets = _feature_sets(eng, labels, annotations, setup, features_path)
+    sets = _feature_sets(eng, labels, annotations, setup, features_path, unfinished)
     for one, path, reused in sets:
         click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {one.features.shape[0]} rows)", err=True)
     fs = merge_feature_sets([one for one, _, _ in sets])

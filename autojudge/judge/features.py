@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 
 from autojudge.errors import AutojudgeError
 from autojudge.jsonl import read_jsonl
+from autojudge.judge.labels import inflight_path, read_label_rows
 from autojudge.progress import progress
 
 SETUPS = ("DD-DT", "DT")
 BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
 CACHE_VERSION = 1
 SAVE_EVERY_S = 120.0  # a killed feature run loses at most this much work
-LABEL_KEYS = ("problem_id", "prompt_ids", "prefix_ids", "draft_token", "important")
 
 
 @dataclass
@@ -37,23 +37,6 @@ class FeatureSet:
     important: torch.Tensor  # [N] bool
     groups: list[str]  # per row; validation splits never separate a group
     meta: dict  # key, kind, setup, hidden_sizes, fingerprints, models, source, source_sha256
-
-
-def read_label_rows(path: Path) -> list[dict]:
-    """Mismatch rows of an `autojudge mine` file; its meta and per-problem records are skipped."""
-    rows = []
-    for lineno, row in read_jsonl(path):
-        if row.get("kind", "label") != "label":
-            continue
-        missing = [k for k in LABEL_KEYS if k not in row]
-        if missing:
-            raise AutojudgeError(
-                f"{path}:{lineno}: label row lacks {', '.join(missing)}; expected rows written by `autojudge mine`"
-            )
-        rows.append(row)
-    if not rows:
-        raise AutojudgeError(f"{path} holds no labelled mismatches; run `autojudge mine` on more problems")
-    return rows
 
 
 def check_label_models(path: Path, eng, setup: str) -> None:
@@ -288,7 +271,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe(eng, source: Path, kind: str, setup: str) -> dict:
+def describe(eng, source: Path, kind: str, setup: str, unfinished: bool = False) -> dict:
     """Everything the features depend on; `key` hashes it so a stale cache is never reused."""
     decs = dict(zip(BLOCKS[setup], _decoders(eng, setup)))
     meta = {
@@ -301,6 +284,10 @@ def describe(eng, source: Path, kind: str, setup: str) -> dict:
         # Hidden states computed in bf16 differ from fp32 ones; a cache made in one is stale for the other.
         "dtypes": {b: d.precision for b, d in decs.items()},
     }
+    if unfinished:
+        inflight = inflight_path(source)
+        # Hashed before the rows are read: rows checkpointed in between only make a later run's key differ.
+        meta["unfinished_sha256"] = file_sha256(inflight) if inflight.is_file() else None
     meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
     meta["models"] = {b: d.name for b, d in decs.items()}
     meta["source"] = str(source)
@@ -350,10 +337,13 @@ def _cached(path: Path, meta: dict) -> FeatureSet | None:
 
 
 def feature_set(eng, labels: Path | None = None, annotations: Path | None = None, setup: str | None = None,
-                cache: Path | None = None) -> tuple[FeatureSet, Path, bool]:
-    """(features, cache path, whether the cache was reused) for exactly one of labels / annotations."""
+                cache: Path | None = None, unfinished: bool = False) -> tuple[FeatureSet, Path, bool]:
+    """(features, cache path, whether the cache was reused) for exactly one of labels / annotations; `unfinished`:
+    the labels' file with the checkpointed labels of its unfinished problems."""
     if (labels is None) == (annotations is None):
         raise AutojudgeError("give exactly one of --labels (AutoJudge) or --annotations (Judge Decoding)")
+    if unfinished and labels is None:
+        raise AutojudgeError("--unfinished reads the problems still in flight of a --labels file; drop it")
     source = Path(labels or annotations)
     kind = "autojudge" if labels is not None else "judge-decoding"
     setup = setup or ("DD-DT" if kind == "autojudge" else "DT")
@@ -361,14 +351,14 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
         raise AutojudgeError("Judge Decoding features are the target's hidden states only; use --setup DT")
     if kind == "autojudge":
         check_label_models(source, eng, setup)
-    meta = describe(eng, source, kind, setup)
+    meta = describe(eng, source, kind, setup, unfinished)
     path = Path(cache) if cache is not None else default_cache_path(source, meta)
     cached = _cached(path, meta)
     if cached is not None:
         return cached, path, True
     if kind == "autojudge" and setup == "DT" and eng.draft is not None:
         # DT features are the target block of DD-DT ones (the same passes of the same target): reuse those.
-        both = describe(eng, source, kind, "DD-DT")
+        both = describe(eng, source, kind, "DD-DT", unfinished)
         cached = _cached(default_cache_path(source, both), both)
         if cached is not None:
             target_block = cached.features[:, -eng.target.config.hidden_size :].contiguous()
@@ -377,7 +367,7 @@ def feature_set(eng, labels: Path | None = None, annotations: Path | None = None
             return fs, path, True
     checkpoint = Checkpoint(path.with_name(path.name + ".partial"), meta["key"])
     if kind == "autojudge":
-        rows = read_label_rows(source)
+        rows = read_label_rows(source, unfinished)
         stored = StoredFeatures(StoredFeatures.for_labels(source), model_identity(eng))
         feats = label_features(eng, rows, setup, checkpoint, stored)
         important = torch.tensor([bool(r["important"]) for r in rows])
@@ -395,13 +385,18 @@ def merge_feature_sets(sets: list[FeatureSet]) -> FeatureSet:
     another precision): rows concatenated, a problem that appears in two files kept as one validation group."""
     if len(sets) == 1:
         return sets[0]
-    meta = {k: v for k, v in sets[0].meta.items() if k not in ("source", "source_sha256", "key")}
-    meta["sources"] = [{"file": Path(fs.meta["source"]).name, "sha256": fs.meta["source_sha256"]} for fs in sets]
+    meta = {k: v for k, v in sets[0].meta.items() if k not in ("source", "source_sha256", "unfinished_sha256", "key")}
+    meta["sources"] = [source for fs in sets for source in trained_on(fs.meta)]
     return FeatureSet(torch.cat([fs.features for fs in sets]), torch.cat([fs.important for fs in sets]),
                       [g for fs in sets for g in fs.groups], meta)
 
 
 def trained_on(meta: dict) -> list[dict]:
     """The label or annotation files a feature set came from, as a judge file records them."""
-    return meta.get("sources") or [{"file": Path(meta["source"]).name, "sha256": meta["source_sha256"]}]
+    if "sources" in meta:
+        return meta["sources"]
+    files = [{"file": Path(meta["source"]).name, "sha256": meta["source_sha256"]}]
+    if meta.get("unfinished_sha256"):
+        files.append({"file": inflight_path(Path(meta["source"])).name, "sha256": meta["unfinished_sha256"]})
+    return files
 

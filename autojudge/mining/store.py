@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from autojudge.errors import AutojudgeError
+from autojudge.judge.labels import inflight_path, inflight_rows
 
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
 RESUME_KEYS = ("target", "target_fingerprint", "target_weights", "draft", "draft_fingerprint", "draft_weights",
@@ -40,27 +41,6 @@ def _differs(old: dict, new: dict, key: str) -> bool:
     if key in _KNOWN_ONLY and (before is None or now is None):
         return False
     return before != now
-
-
-def inflight_rows(path: Path, done: set[str]) -> dict[str, list[dict]]:
-    """Problem id -> checkpoint rows of each unfinished problem, from its `answer` row on; a torn tail is dropped."""
-    rows: dict[str, list[dict]] = {}
-    if not path.exists():
-        return rows
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                row = json.loads(line) if line.endswith(b"\n") else None
-            except json.JSONDecodeError:
-                row = None
-            if row is None:
-                break
-            problem_id = row["problem_id"]
-            if row["kind"] == "answer":
-                rows[problem_id] = [row]  # a problem restarted from scratch starts its rows again
-            elif problem_id in rows:
-                rows[problem_id].append(row)
-    return {problem_id: r for problem_id, r in rows.items() if problem_id not in done}
 
 
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
@@ -88,7 +68,7 @@ def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
 class LabelStore:
     def __init__(self, path: str | Path, meta: dict, resume: bool):
         self.path = Path(path)
-        self.inflight_path = Path(f"{self.path}.inflight")
+        self.inflight_path = inflight_path(self.path)
         self.done: set[str] = set()
         self.resumed: dict[str, list[dict]] = {}  # problem id -> checkpoint rows of its interrupted search
         self.path.parent.mkdir(parents=True, exist_ok=True)
