@@ -27,7 +27,7 @@ from autojudge.progress import progress
 
 SETUPS = ("DD-DT", "DT")
 BLOCKS = {"DT": ("target",), "DD-DT": ("draft", "target")}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: bf16 hidden states on a CPU attend over an fp32 KV cache (engine/model.py)
 SAVE_EVERY_S = 120.0  # a killed feature run loses at most this much work
 
 
