@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autojudge.judge.labels import inflight_path, inflight_rows  # noqa: E402
+from autojudge.judge.labels import checkpointed_labels  # noqa: E402
 from autojudge.mining.store import read_rows  # noqa: E402
 
 COLUMNS = ["problem", "target correct", "answer tokens", "mismatches", "important", "generated tokens",
@@ -33,9 +33,9 @@ def per_problem(rows: list[dict]) -> list[list]:
 def inflight(labels_path: Path) -> tuple[int, int, int]:
     """(unfinished problems with an answer, their checkpointed labels, of which important), as --resume sees them."""
     done = {r["problem_id"] for r in read_rows(labels_path, "problem")}
-    rows = inflight_rows(inflight_path(labels_path), done)
-    labels = [r["label"] for problem_rows in rows.values() for r in problem_rows if r["kind"] == "step"]
-    return len(rows), len(labels), sum(label["important"] for label in labels)
+    by_problem = checkpointed_labels(labels_path, done)
+    labels = [label for problem_labels in by_problem.values() for label in problem_labels]
+    return len(by_problem), len(labels), sum(label["important"] for label in labels)
 
 
 def summary(problems: list[list], pending: tuple[int, int, int]) -> list[list]:

@@ -7,6 +7,8 @@ import os
 
 import click
 
+from autojudge.errors import AutojudgeError
+
 
 def engine_options(fn):
     @click.option("--target", default="default", show_default=True,
@@ -54,8 +56,6 @@ def problem_range_options(fn):
 
 
 def problem_range(problems: list, offset: int, limit: int | None, dataset: str) -> list:
-    from autojudge.errors import AutojudgeError
-
     if limit is not None and limit < 1:
         raise AutojudgeError(f"--limit must be at least 1, got {limit}")
     if offset >= len(problems):

@@ -42,6 +42,12 @@ def inflight_rows(path: Path, done: set[str]) -> dict[str, list[dict]]:
     return {problem_id: r for problem_id, r in rows.items() if problem_id not in done}
 
 
+def checkpointed_labels(labels: Path, finished: set[str]) -> dict[str, list[dict]]:
+    """Problem id -> the labels checkpointed so far, for each problem in flight (answered, not in `finished`)."""
+    return {problem_id: [row["label"] for row in rows if row["kind"] == "step"]
+            for problem_id, rows in inflight_rows(inflight_path(labels), finished).items()}
+
+
 def read_label_rows(path: Path, unfinished: bool = False) -> list[dict]:
     """Mismatch rows of an `autojudge mine` file (its meta and per-problem records skipped); with `unfinished`,
     then the checkpointed labels of the problems it has not finished."""
@@ -59,8 +65,8 @@ def read_label_rows(path: Path, unfinished: bool = False) -> list[dict]:
             )
         rows.append(row)
     if unfinished:
-        for problem_rows in inflight_rows(inflight_path(path), finished).values():
-            rows += [row["label"] for row in problem_rows if row["kind"] == "step"]
+        for labels in checkpointed_labels(path, finished).values():
+            rows += labels
     if not rows:
         raise AutojudgeError(f"{path} holds no labelled mismatches; run `autojudge mine` on more problems")
     return rows
