@@ -101,13 +101,16 @@ def test_vllm_export(tmp_path):
         export_vllm(tmp_path / "k.pkl", res, "DD-DT")
 
 
-def test_shipped_default_judge_is_for_the_mined_default_pair():
-    """The judge in the package was trained on the committed default-pair labels: same models, sizes, precision."""
-    shipped = Path(str(resources.files("autojudge") / "judges" / "default"))
+@pytest.mark.parametrize("name", ["default", "default-code"])
+def test_shipped_default_judge_is_for_the_mined_default_pair(name):
+    """Each AutoJudge head in the package was trained on committed default-pair labels: same models, sizes,
+    precision."""
+    shipped = Path(str(resources.files("autojudge") / "judges" / name))
     meta = json.loads(judge_paths(shipped)[1].read_text())
     labels = Path(__file__).parents[1] / "data" / "mined" / "default" / meta["trained_on"][0]["file"]
     mined = json.loads(labels.read_text().splitlines()[0])
     assert meta["kind"] == "autojudge" and meta["setup"] == "DD-DT"
+    assert mined["dataset"] == {"default": "gsm8k", "default-code": "humaneval"}[name]
     assert meta["hidden_sizes"] == {"draft": 896, "target": 1536}
     assert meta["fingerprints"] == {"draft": mined["draft_fingerprint"], "target": mined["target_fingerprint"]}
     assert meta["dtypes"] == {"draft": mined["dtype"], "target": mined["dtype"]}
