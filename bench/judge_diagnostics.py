@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autojudge.engine.engine import Engine  # noqa: E402
 from autojudge.judge.features import StoredFeatures, model_identity  # noqa: E402
 from autojudge.judge.labels import read_label_rows  # noqa: E402
-from autojudge.judge.logreg import Scaler, fit_logreg  # noqa: E402
 from autojudge.judge.metrics import roc_auc  # noqa: E402
-from autojudge.judge.train import C_GRID, grouped_split  # noqa: E402
+from autojudge.judge.train import C_GRID, grouped_split, pick_c  # noqa: E402
 from autojudge.progress import progress  # noqa: E402
 from autojudge.tasks.datasets import canonical_number, load_dataset  # noqa: E402
 
@@ -79,13 +78,7 @@ def val_auc(x: torch.Tensor, y: torch.Tensor, groups: list[str], seed: int, trai
     train_idx = [i for i in train_idx if train_rows is None or train_rows[i]]
     val_idx = [i for i in val_idx if val_rows is None or val_rows[i]]
     x, y = x.double(), y.double()
-    scaler = Scaler.fit(x[train_idx])
-    z_tr, z_val = scaler.transform(x[train_idx]), scaler.transform(x[val_idx])
-    best, init = 0.0, None
-    for c in sorted(C_GRID):
-        init = fit_logreg(z_tr, y[train_idx], c, init=init)
-        best = max(best, roc_auc(y[val_idx], torch.sigmoid(z_val @ init[0] + init[1])))
-    return best
+    return pick_c(x[train_idx], y[train_idx], x[val_idx], y[val_idx], C_GRID, "training")[1]
 
 
 def boosted_trees_auc(x: torch.Tensor, y: torch.Tensor, groups: list[str], seed: int) -> float:

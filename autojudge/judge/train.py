@@ -59,7 +59,7 @@ def _check_classes(y: torch.Tensor, where: str) -> None:
         )
 
 
-def _pick_c(x_tr: torch.Tensor, y_tr: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, c_grid, where: str):
+def pick_c(x_tr: torch.Tensor, y_tr: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, c_grid, where: str):
     """(best C, its validation ROC-AUC, its head, AUC by C): a head fitted on the training rows per C."""
     _check_classes(y_tr, where)
     scaler = Scaler.fit(x_tr)
@@ -90,7 +90,7 @@ def train_judge(
     train_idx, val_idx = grouped_split(groups, val_fraction, seed)
     x_tr, y_tr, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
     _check_classes(y_val, "validation")
-    best_c, val_auc, split_head, auc_by_c = _pick_c(x_tr, y_tr, x_val, y_val, c_grid, "training")
+    best_c, val_auc, split_head, auc_by_c = pick_c(x_tr, y_tr, x_val, y_val, c_grid, "training")
     p_val = split_head.predict_proba(x_val)
 
     thresholds = {
@@ -151,7 +151,7 @@ def learning_curve(
     for fraction in sorted(set(fractions)):
         kept = set(names[: max(1, round(fraction * len(names)))])
         rows = [i for i in train_idx if groups[i] in kept]
-        best_c, val_auc, _, _ = _pick_c(x[rows], y[rows], x[val_idx], y[val_idx], c_grid,
+        best_c, val_auc, _, _ = pick_c(x[rows], y[rows], x[val_idx], y[val_idx], c_grid,
                                         f"training ({fraction:g} of the problems)")
         points.append({"fraction": fraction, "problems": len(kept), "rows": len(rows), "best_c": best_c,
                        "val_auc": val_auc})
