@@ -230,6 +230,25 @@ def test_resume_refuses_other_settings(tmp_path, dataset, fake):
     assert result.exit_code == 1 and "max_new_tokens" in result.output
 
 
+def test_resume_with_or_without_topk_mixes_no_k(tmp_path, dataset, fake):
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--max-new-tokens", 8, "--out", out]
+    assert _eval([*args, "--modes", "speculative"]).exit_code == 0 and len(fake.calls) == 3
+    # A mode the rows never had takes its setting; the header records it for the next resume.
+    result = _eval([*args, "--modes", "speculative,topk", "--topk", 2, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert fake.calls[3:] == [("topk", 0.3)] * 3
+    header = json.loads((tmp_path / "r.json.partial.jsonl").read_text().splitlines()[0])
+    assert header["topk"] == 2
+    # Reporting fewer modes than the rows hold needs no decoding.
+    fake.calls.clear()
+    result = _eval([*args, "--modes", "speculative", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert fake.calls == [] and [r["mode"] for r in json.loads(out.read_text())["results"]] == ["speculative"]
+    result = _eval([*args, "--modes", "speculative,topk", "--topk", 3, "--resume"])
+    assert result.exit_code == 1 and "different topk" in result.output and fake.calls == []
+
+
 def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
     judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
     monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: {"autojudge": judge})

@@ -39,8 +39,20 @@ PROMPT_CHUNK_BATCHES = 4
 _BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles", "offset": 0}
 
 
+# Settings of one mode only (None where the run had no such mode): rows made without that mode hold none that the
+# setting shaped, so resuming with or without the mode, or reporting fewer modes, mixes nothing.
+_MODE_ONLY = ("topk",)
+
+
 def _setting(config: dict, key: str):
     return config.get(key, _BEFORE_KEY.get(key))
+
+
+def _differs(old: dict, new: dict, key: str) -> bool:
+    before, now = _setting(old, key), _setting(new, key)
+    if key in _MODE_ONLY and (before is None or now is None):
+        return False
+    return before != now
 
 
 @dataclass(frozen=True)
@@ -150,12 +162,23 @@ class RowLog:
             header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
         except (json.JSONDecodeError, IndexError) as err:
             raise AutojudgeError(f"{self.path} is not an eval rows file; delete it or drop --resume") from err
-        changed = [k for k in RESUME_KEYS if _setting(header, k) != _setting(config, k)]
+        changed = [k for k in RESUME_KEYS if _differs(header, config, k)]
         if header.get("kind") != "config" or changed:
             raise AutojudgeError(
                 f"{self.path} holds rows made with different {', '.join(changed) or 'settings'}; "
                 "use the same settings, another --out, or drop --resume to start over"
             )
+        adopted = {k: config[k] for k in _MODE_ONLY if _setting(header, k) is None and config.get(k) is not None}
+        if adopted:
+            # The header must name the setting the new mode's rows are made with, or a later resume could mix
+            # them with another's; written whole then renamed, so a crash leaves the old file or the new one.
+            lines[0] = json.dumps({**header, **adopted})
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         for row in rows:
             self.done[row_key(row["mode"], row["threshold"], row["problem_id"])] = row
 
