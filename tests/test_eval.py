@@ -50,16 +50,20 @@ def test_aggregate_every_number():
     assert aj2["mean_new_tokens"] == 16 and aj2["wall_s"] == 2.5
     assert aj5["n"] == 1 and aj5["accuracy"] == 0.0 and aj5["accepted_per_cycle"] == 7.0
     assert aj5["tokens_per_second"] == 32.0 and aj5["judge_rescues_per_cycle"] == 4.0 and aj5["mean_new_tokens"] == 8
+    # What a user waits for a whole answer: single-stream seconds, and cycles (none without a draft).
+    assert target["seconds_per_answer"] == 1.5 and target["cycles_per_answer"] is None
+    assert aj2["seconds_per_answer"] == 1.0 and aj2["cycles_per_answer"] == 4.0
+    assert aj5["seconds_per_answer"] == 0.25 and aj5["cycles_per_answer"] == 1.0
 
 
 def test_markdown_and_plot(tmp_path):
     results = aggregate(ROWS)
     lines = markdown_table(results).splitlines()
     assert len(lines) == 2 + 3 and lines[0].startswith("| mode | threshold |")
-    assert lines[2] == "| target | - | - | 2 | 0.500 | - | - | - | 13.3 | - | - | 20.0 | 4.0 |"
-    assert lines[3] == ("| autojudge | 0.2 | - | 2 | 1.000 | 0/1 +0.500 [-0.480, +1.480] | - | 2.50 | 16.0 | - "
-                        "| 0.375 | 16.0 | 2.5 |")
-    assert lines[4].startswith("| autojudge | 0.5 | - | 1 | 0.000 | 1/0 -1.000 | - | 7.00 |")
+    assert lines[2] == "| target | - | - | 2 | 0.500 | - | - | - | - | 13.3 | 1.5 | - | - | 20.0 | 4.0 |"
+    assert lines[3] == ("| autojudge | 0.2 | - | 2 | 1.000 | 0/1 +0.500 [-0.480, +1.480] | - | 2.50 | 4.0 | 16.0 | 1.0 "
+                        "| - | 0.375 | 16.0 | 2.5 |")
+    assert lines[4].startswith("| autojudge | 0.5 | - | 1 | 0.000 | 1/0 -1.000 | - | 7.00 | 1.0 | 32.0 | 0.2 |")
     plot_pareto(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -180,7 +184,8 @@ def test_cli_report_table_plot_and_resume(tmp_path, dataset, fake):
         assert {"threshold", "judge_rescues_per_cycle", "wall_s", "mean_new_tokens"} <= set(r)
     assert target["accepted_per_cycle"] is None and spec["accepted_per_cycle"] == 2.5
     assert spec["judge_rescues_per_cycle"] == 0.0
-    assert "| speculative | - | - | 3 | 0.667 | 0/0 +0.000 [+0.000, +0.000] | - | 2.50 | 16.0 | - | 0.000 | 8.0 |" in result.stdout
+    assert ("| speculative | - | - | 3 | 0.667 | 0/0 +0.000 [+0.000, +0.000] | - | 2.50 | 2.0 | 16.0 | 0.5 | - | 0.000 "
+            "| 8.0 |") in result.stdout
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
     rows_file = tmp_path / "report.json.partial.jsonl"

@@ -46,6 +46,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """One result per (mode, threshold), in order of first appearance.
 
     Rates are ratios of sums over the rows (accepted / cycles, tokens / seconds), so long answers weigh more.
+    A lossy mode can write longer answers (on code the draft adds test code the target would not), so tokens/s
+    and accepted/cycle alone can flatter it: `seconds_per_answer` (single-stream, the rows decoded alone) and
+    `cycles_per_answer` (every row) say how long a user waits for a whole answer.
     `tokens_per_second` is single-stream speed, from the rows decoded alone; `batch_tokens_per_second` is what a
     batched run served, its rows' tokens over their summed wall time (each row holds the time since the previous
     one finished). Every other result is paired against each reference mode that ran (`vs_target`,
@@ -69,7 +72,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "mode": mode, "threshold": threshold, "recall": group[0].get("recall"), "n": n,
             "correct": correct, "accuracy": correct / n,
             "cycles": cycles, "accepted": accepted, "accepted_per_cycle": _ratio(accepted, cycles),
+            "cycles_per_answer": _ratio(cycles, n) if cycles else None,  # target-only decoding has no cycles
             "tokens_per_second": _ratio(sum(r["new_tokens"] for r in alone), sum(r["decode_s"] for r in alone)),
+            "seconds_per_answer": _ratio(sum(r["decode_s"] for r in alone), len(alone)),
             "batch_tokens_per_second": _ratio(sum(r["new_tokens"] for r in batched), sum(r["wall_s"] for r in batched)),
             "batch_size": max((r["batch_size"] for r in batched), default=1),
             "judge_rescues": rescues, "judge_rescues_per_cycle": _ratio(rescues, cycles),
@@ -115,13 +120,15 @@ def _paired(comparison: dict | None) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     header = ("| mode | threshold | recall | n | accuracy | lost/won, Δ vs target (95%) | lost/won, Δ vs speculative "
-              "(95%) | accepted/cycle | tokens/s | batch tokens/s | rescues/cycle | mean new tokens | wall s |")
+              "(95%) | accepted/cycle | cycles/answer | tokens/s | s/answer | batch tokens/s | rescues/cycle "
+              "| mean new tokens | wall s |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         lines.append(
             f"| {r['mode']} | {_fmt(r['threshold'], '.4g')} | {_fmt(r['recall'], 'g')} | {r['n']} "
             f"| {r['accuracy']:.3f} | {_paired(r.get('vs_target'))} | {_paired(r.get('vs_speculative'))} "
-            f"| {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['tokens_per_second'], '.1f')} "
+            f"| {_fmt(r['accepted_per_cycle'], '.2f')} | {_fmt(r['cycles_per_answer'], '.1f')} "
+            f"| {_fmt(r['tokens_per_second'], '.1f')} | {_fmt(r['seconds_per_answer'], '.1f')} "
             f"| {_fmt(r.get('batch_tokens_per_second'), '.1f')} | {_fmt(r['judge_rescues_per_cycle'], '.3f')} "
             f"| {r['mean_new_tokens']:.1f} | {r['wall_s']:.1f} |"
         )
@@ -129,7 +136,8 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
-    """Accuracy against accepted tokens per cycle (left) and tokens/s (right); one line per mode."""
+    """Accuracy against accepted tokens per cycle (left) and single-stream seconds per answer (right: what a user
+    waits, which tokens/s misstates when a mode changes the answers' length); one line per mode."""
     try:
         from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
     except ImportError as err:
@@ -137,7 +145,7 @@ def plot_pareto(results: list[dict], path: Path) -> None:
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, xlabel in ((axes[0], "accepted_per_cycle", "accepted draft tokens per cycle"),
-                            (axes[1], "tokens_per_second", "tokens / s")):
+                            (axes[1], "seconds_per_answer", "seconds per answer, single stream (lower is faster)")):
         for i, mode in enumerate(dict.fromkeys(r["mode"] for r in results)):
             points = sorted((r[key], r["accuracy"], _label(r)) for r in results
                             if r["mode"] == mode and r[key] is not None)
