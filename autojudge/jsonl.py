@@ -1,4 +1,5 @@
-"""Reading the project's JSONL files (datasets, labels, annotations, prompts) with one-line errors."""
+"""Reading the project's JSONL files (datasets, labels, annotations, prompts) with one-line errors, and comparing the
+settings their headers were made with before a run resumes them."""
 
 from __future__ import annotations
 
@@ -24,3 +25,19 @@ def read_jsonl(source, name: str | None = None) -> list[tuple[int, object]]:
         except json.JSONDecodeError as err:
             raise AutojudgeError(f"{name}:{number}: not valid JSON ({err.msg}); fix or remove the line") from None
     return rows
+
+
+def changed_settings(old: dict, new: dict, keys, before_key: dict, unknown_ok=()) -> list[str]:
+    """The `keys` whose settings differ between the header a file was made with (`old`) and a resuming run's.
+
+    `before_key`: what a header written before a key existed was made with. A key in `unknown_ok` differs only
+    where both headers know it (not None): one side cannot say, or had nothing the setting shaped.
+    """
+    changed = []
+    for key in keys:
+        before, now = old.get(key, before_key.get(key)), new.get(key, before_key.get(key))
+        if key in unknown_ok and (before is None or now is None):
+            continue
+        if before != now:
+            changed.append(key)
+    return changed

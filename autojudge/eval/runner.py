@@ -22,6 +22,7 @@ from autojudge.engine.request import (
     check_threshold,
 )
 from autojudge.errors import AutojudgeError
+from autojudge.jsonl import changed_settings
 from autojudge.judge.judge_file import load_judge_for_engine
 from autojudge.progress import progress
 from autojudge.tasks.checkers import gsm8k_checker, humaneval_checker
@@ -37,22 +38,9 @@ RESUME_KEYS = ("dataset", "split", "offset", "window", "max_new_tokens", "target
 PROMPT_CHUNK_BATCHES = 4
 # What a rows file written before a key existed was made with.
 _BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles", "offset": 0}
-
-
 # Settings of one mode only (None where the run had no such mode): rows made without that mode hold none that the
 # setting shaped, so resuming with or without the mode, or reporting fewer modes, mixes nothing.
 _MODE_ONLY = ("topk",)
-
-
-def _setting(config: dict, key: str):
-    return config.get(key, _BEFORE_KEY.get(key))
-
-
-def _differs(old: dict, new: dict, key: str) -> bool:
-    before, now = _setting(old, key), _setting(new, key)
-    if key in _MODE_ONLY and (before is None or now is None):
-        return False
-    return before != now
 
 
 @dataclass(frozen=True)
@@ -162,13 +150,13 @@ class RowLog:
             header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
         except (json.JSONDecodeError, IndexError) as err:
             raise AutojudgeError(f"{self.path} is not an eval rows file; delete it or drop --resume") from err
-        changed = [k for k in RESUME_KEYS if _differs(header, config, k)]
+        changed = changed_settings(header, config, RESUME_KEYS, _BEFORE_KEY, _MODE_ONLY)
         if header.get("kind") != "config" or changed:
             raise AutojudgeError(
                 f"{self.path} holds rows made with different {', '.join(changed) or 'settings'}; "
                 "use the same settings, another --out, or drop --resume to start over"
             )
-        adopted = {k: config[k] for k in _MODE_ONLY if _setting(header, k) is None and config.get(k) is not None}
+        adopted = {k: config[k] for k in _MODE_ONLY if header.get(k) is None and config.get(k) is not None}
         if adopted:
             # The header must name the setting the new mode's rows are made with, or a later resume could mix
             # them with another's; written whole then renamed, so a crash leaves the old file or the new one.

@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from autojudge.errors import AutojudgeError
+from autojudge.jsonl import changed_settings
 from autojudge.judge.labels import inflight_path, inflight_rows
 
 # Meta keys that must match to resume: a different model, data or budget would mix incompatible labels.
@@ -30,17 +31,6 @@ _BEFORE_KEY = {"skip_truncated": False}
 # weights they were mined with, and a model built without a checkpoint has none to hash: such a file stays
 # resumable on the path and architecture checks alone, and weights count as changed only when both sides know them.
 _KNOWN_ONLY = ("target_weights", "draft_weights")
-
-
-def _setting(meta: dict, key: str):
-    return meta.get(key, _BEFORE_KEY.get(key))
-
-
-def _differs(old: dict, new: dict, key: str) -> bool:
-    before, now = _setting(old, key), _setting(new, key)
-    if key in _KNOWN_ONLY and (before is None or now is None):
-        return False
-    return before != now
 
 
 def _scan(path: Path) -> tuple[dict | None, int, set[str]]:
@@ -94,7 +84,7 @@ class LabelStore:
             old_meta, end, self.done = _scan(self.path)
             if old_meta is None:
                 raise AutojudgeError(f"{self.path} is not a mining file (no meta row); choose another --out")
-            changed = [k for k in RESUME_KEYS if _differs(old_meta, meta, k)]
+            changed = changed_settings(old_meta, meta, RESUME_KEYS, _BEFORE_KEY, _KNOWN_ONLY)
             if changed:
                 raise AutojudgeError(
                     f"cannot resume {self.path}: {', '.join(changed)} differ from the run that wrote it; "
