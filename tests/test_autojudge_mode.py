@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from autojudge import Engine
+from autojudge.engine.tokenizer import end_of_answer_ids
 from autojudge.errors import AutojudgeError
 from autojudge.judge.features import label_features
 from autojudge.judge.judge_file import Judge
@@ -50,6 +51,38 @@ def test_judge_accepting_nothing_equals_speculative(engine, setup):
                              judge=_judge(engine, setup, bias=30.0), threshold=0.5)
     assert judged.token_ids == spec.token_ids
     assert judged.stats.judge_rescues == 0
+
+
+def test_protecting_every_token_makes_the_judge_lossless(engine, monkeypatch):
+    """Protected target choices bound the judge on every decode path: protect all and a judge that accepts
+    everything gives speculative decoding's tokens, alone and batched under both schedules."""
+    prompts = [PROMPT, PROMPT[:7]]
+    spec = [engine.generate(p, max_new_tokens=30, mode="speculative", window=WINDOW, ignore_eos=True)
+            for p in prompts]
+    kw = dict(max_new_tokens=30, mode="autojudge", window=WINDOW, ignore_eos=True,
+              judge=_judge(engine, "DD-DT", bias=-30.0), threshold=0.5)
+    assert engine.generate(PROMPT, **kw).token_ids != spec[0].token_ids
+    monkeypatch.setattr(engine, "protected_tokens", torch.ones(engine.target.config.vocab_size, dtype=torch.bool))
+    out = engine.generate(PROMPT, **kw)
+    assert out.token_ids == spec[0].token_ids and out.stats.judge_rescues == 0
+    for schedule in ("cycles", "tokenwise"):
+        batched = engine.generate_batch(prompts, max_batch=2, schedule=schedule, **kw)
+        assert [o.token_ids for o in batched] == [o.token_ids for o in spec], schedule
+
+
+def test_end_of_answer_ids_and_the_switch(tiny_pair):
+    class Vocab:
+        def get_vocab(self):
+            return {"```": 5, "Ġ```": 6, "```Ċ": 9, "``": 7, "abc": 8}
+
+    assert end_of_answer_ids(Vocab(), {2}) == {2, 5, 6, 9}
+    on = Engine.from_pretrained(target=str(tiny_pair[0]), draft=None, max_seq_len=64, kernels="eager")
+    eos = sorted(on.eos_token_ids)
+    assert eos and on.protected_tokens[eos].all()
+    assert on.protected_tokens.sum() == len(end_of_answer_ids(on.tokenizer, on.eos_token_ids))
+    off = Engine.from_pretrained(target=str(tiny_pair[0]), draft=None, max_seq_len=64, kernels="eager",
+                                 protect_ends=False)
+    assert off.protected_tokens is None
 
 
 def test_decoder_features_equal_offline_features(engine, monkeypatch):

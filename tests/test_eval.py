@@ -254,6 +254,26 @@ def test_resume_with_or_without_topk_mixes_no_k(tmp_path, dataset, fake):
     assert result.exit_code == 1 and "different topk" in result.output and fake.calls == []
 
 
+def test_resume_never_mixes_protected_and_unprotected_lossy_rows(tmp_path, dataset, fake):
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--max-new-tokens", 8, "--out", out]
+    assert _eval([*args, "--modes", "speculative,topk", "--no-protect-ends"]).exit_code == 0
+    header = json.loads((tmp_path / "r.json.partial.jsonl").read_text().splitlines()[0])
+    assert header["protect_ends"] is False
+    fake.calls.clear()
+    result = _eval([*args, "--modes", "speculative,topk", "--resume"])
+    assert result.exit_code == 1 and "different protect_ends" in result.output and fake.calls == []
+    # Lossless rows are the same either way: a lossless-only resume takes them.
+    assert _eval([*args, "--modes", "speculative", "--resume"]).exit_code == 0 and fake.calls == []
+    # Rows files from before the option held unprotected lossy rows.
+    lines = (tmp_path / "r.json.partial.jsonl").read_text().splitlines()
+    del header["protect_ends"]
+    (tmp_path / "r.json.partial.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert "different protect_ends" in _eval([*args, "--modes", "speculative,topk", "--resume"]).output
+    assert _eval([*args, "--modes", "speculative,topk", "--no-protect-ends", "--resume"]).exit_code == 0
+    assert fake.calls == []
+
+
 def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
     judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
     monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: {"autojudge": judge})

@@ -87,6 +87,8 @@ def test_verify_kernel_matches_reference_on_cuda(k, vocab, dtype, mode, rule):
         "judge_features": tuple(torch.randn(1, k, d, device=CUDA, generator=gen).to(dtype) for d in dims),
         "judge_weight": torch.randn(sum(dims), device=CUDA, generator=gen) / sum(dims) ** 0.5,
         "judge_bias": 0.1,
+        # The judge runs with half the vocabulary protected (the raw argmax per row, across splits), the rule without.
+        "protected_tokens": torch.rand(vocab, device=CUDA, generator=gen) < 0.5,
     } if rule == "judge" else {"topk": 3, "topk_alpha": 0.05}  # random logits: a 3rd-best token is often within 5%
     if mode == "sampling":
         kw.update(temperature=0.7, draft_probs=torch.softmax(logits[:, :k].float() / 0.7, -1),

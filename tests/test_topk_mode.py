@@ -49,6 +49,22 @@ def test_every_emitted_token_passes_the_rule(engine, k, alpha):
     assert out.stats.accepted_per_cycle >= spec.stats.accepted_per_cycle
 
 
+def test_a_protected_target_choice_takes_back_the_rules_rescue(engine, monkeypatch):
+    """Where the rule first kept a draft token over the target's own choice, protecting that choice makes the
+    target's token come out there instead (the text before is the same: nothing before it was rescued)."""
+    kw = dict(max_new_tokens=40, mode="topk", window=WINDOW, ignore_eos=True, judge=TopkRule(k=5, alpha=0.0))
+    monkeypatch.setattr(engine, "protected_tokens", None)
+    free = engine.generate(PROMPT, **kw)
+    seq = PROMPT + free.token_ids
+    wanted = engine.target.teacher_forced(seq)[0][len(PROMPT) - 1 :].argmax(-1).tolist()
+    first = next(i for i, (got, want) in enumerate(zip(free.token_ids, wanted)) if got != want)
+    protected = torch.zeros(engine.target.config.vocab_size, dtype=torch.bool)
+    protected[wanted[first]] = True
+    monkeypatch.setattr(engine, "protected_tokens", protected)
+    guarded = engine.generate(PROMPT, **kw)
+    assert guarded.token_ids[:first] == free.token_ids[:first] and guarded.token_ids[first] == wanted[first]
+
+
 def test_threshold_overrides_alpha_and_batched_rows_equal_batch1(engine):
     prompts = [PROMPT, PROMPT[:9], list(range(20, 44))]
     kw = dict(max_new_tokens=25, mode="topk", window=WINDOW, ignore_eos=True, judge=TopkRule(k=3, alpha=0.9))

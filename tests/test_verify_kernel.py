@@ -197,6 +197,15 @@ def test_ties_and_splits_across_blocks(monkeypatch):
     logits, draft, kw = sampling_case(gen, b, k, v, "fp16")
     both(logits, draft, **kw)
     both(logits, draft, **kw, topk=2, topk_alpha=0.1)  # raw maxima combined over the splits
+    # ... and raw argmaxes, for protected tokens (the lower index of a tie across splits).
+    ties = torch.randint(0, 3, (b, k + 1, v), generator=gen).to(torch.float16)
+    ties[:, :, [390, 900]] = 5.0
+    protected = torch.zeros(v, dtype=torch.bool)
+    protected[390] = True
+    out = both(ties, draft, **kw, topk=v, protected_tokens=protected)
+    assert not out.judge_ok.any()
+    protected[390], protected[900] = False, True
+    assert both(ties, draft, **kw, topk=v, protected_tokens=protected).judge_ok.all()
     # The sampled draw's tie across splits: q = 0 accepts every draft, so row K draws between two
     # equally likely tokens with equal noise, and the lower index wins.
     tie = torch.full((b, k + 1, v), -30.0)
@@ -248,8 +257,9 @@ def test_seeded_kernel_is_deterministic_and_offset_moves_it():
     b=st.integers(1, 3), k=st.integers(1, 6), v=st.integers(1, 300), seed=st.integers(0, 2**16),
     sampling=st.booleans(), rule=st.sampled_from(["lossless", "judge", "topk"]),
     dtype=st.sampled_from(sorted(DTYPES)), topk=st.integers(1, 4), alpha=st.sampled_from([0.0, 0.2, 1.0]),
+    protect=st.booleans(),
 )
-def test_property_kernel_equals_reference(b, k, v, seed, sampling, rule, dtype, topk, alpha):
+def test_property_kernel_equals_reference(b, k, v, seed, sampling, rule, dtype, topk, alpha, protect):
     gen = torch.Generator().manual_seed(seed)
     logits, draft, kw = sampling_case(gen, b, k, v, dtype)
     if not sampling:
@@ -259,7 +269,46 @@ def test_property_kernel_equals_reference(b, k, v, seed, sampling, rule, dtype, 
         kw |= make_judge(gen, b, k, (5,), torch.float32, 3 * torch.randn(b, k, generator=gen))
     elif rule == "topk":
         kw |= {"topk": topk, "topk_alpha": alpha}
+    if protect:
+        kw["protected_tokens"] = torch.rand(v, generator=gen) < 0.3
     both(logits, draft, **kw)
+
+
+# ---- protected tokens: a lossy rule never overrules the target's choice to end the answer ------------
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.parametrize("rule", ["judge", "topk"])
+def test_protected_target_choice_is_never_overruled(rule, sampling):
+    """Every draft token mismatches and the rule accepts every one; rows 1 and 3 have a protected argmax
+    (row 3's a +inf tie, lowest index first), so the cycle accepts exactly row 0, whatever the temperature."""
+    b, k, v, end = 2, 4, 300, 7
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(b, k + 1, v, generator=gen)
+    logits[:, :, end + 1] = 4.0  # argmax of every row but the protected ones, a close second there
+    logits[:, 1, end] = 4.2
+    logits[:, 3, [end, end + 1]] = INF
+    draft = torch.full((b, k), end + 2)
+    logits[:, :k, end + 2] = 3.9  # rank 1 or 2: inside the top-k rule (alpha 0: any ratio)
+    kw = {"topk": 3, "topk_alpha": 0.0} if rule == "topk" else make_judge(gen, b, k, (16,), torch.float32,
+                                                                            torch.full((b, k), -6.0))
+    if sampling:  # q = 1 on the draft token and u = 1: the target rejects every draft token
+        q = torch.zeros(b, k, v)
+        q[:, :, end + 2] = 1.0
+        kw |= {"temperature": 0.8, "draft_probs": q, "uniforms": torch.ones(b, k),
+               "noise": torch.empty(b, k + 1, v).exponential_(generator=gen)}
+    protected = torch.zeros(v, dtype=torch.bool)
+    protected[end] = True
+    free = both(logits, draft, **kw)
+    assert free.judge_ok.all() and (free.num_accepted == k).all()
+    guarded = both(logits, draft, **kw, protected_tokens=protected)
+    assert not guarded.target_ok.any()
+    assert guarded.judge_ok.tolist() == [[True, False, True, False]] * b and (guarded.num_accepted == 1).all()
+    torch.testing.assert_close(guarded.judge_prob, free.judge_prob)  # the rule's score is still reported
+    lossless = both(logits, draft, **{n: x for n, x in kw.items() if n not in ("topk", "topk_alpha", "judge_features",
+                                                                               "judge_weight", "judge_bias")},
+                    protected_tokens=protected)
+    assert (lossless.num_accepted == 0).all()  # nothing to protect without a rule
 
 
 # ---- top-k rule: a drafted token within the target's top k and alpha of its top probability -------
@@ -411,6 +460,10 @@ def test_bad_input_raises_clear_errors(fn):
     for alpha in (-0.1, 1.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="topk_alpha must be in \\[0, 1\\]"):
             fn(logits, draft, topk=1, topk_alpha=alpha)
+    with pytest.raises(ValueError, match="protected_tokens has shape"):
+        fn(logits, draft, topk=1, protected_tokens=torch.zeros(11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool mask over the vocabulary"):
+        fn(logits, draft, topk=1, protected_tokens=torch.zeros(10, dtype=torch.long))
 
 
 def test_resolve_kernels(monkeypatch):
@@ -438,17 +491,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from autojudge.kernels.triton_verify import _residual_draw_kernel, _verify_kernel
 
-pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
+pointers = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "protect_ptr": "*i8", "f1_ptr": "*bf16", "f2_ptr": "*fp16",
             "offset_ptr": "*i64", "part_idx_ptr": "*i32", "counter_ptr": "*i32", "num_acc_ptr": "*i64",
             "next_tok_ptr": "*i64", "target_ok_ptr": "*i8", "judge_ok_ptr": "*i8", "part_cnt_ptr": "*i32"}
-verify_flags = dict.fromkeys(("SAMPLING", "HAS_JUDGE", "HAS_F2", "TOPK", "SEEDED", "OFFSET_FROM_PTR"), False)
+verify_flags = dict.fromkeys(("SAMPLING", "HAS_JUDGE", "HAS_F2", "TOPK", "PROTECT", "SEEDED", "OFFSET_FROM_PTR"),
+                             False)
 # Phase 2's tile from the largest (64 splits x 65 rows -> 64 x 128) down to a single element.
 for fn, consts in (
     (_verify_kernel, {"S_PAD": 64, "R_PAD": 128, "BLOCK_D": 1024, **verify_flags, "HAS_JUDGE": True, "HAS_F2": True}),
     (_verify_kernel, {"S_PAD": 64, "R_PAD": 128, "BLOCK_D": 1024, **verify_flags, "SAMPLING": True,
-                      "HAS_JUDGE": True, "SEEDED": True, "OFFSET_FROM_PTR": True}),
+                      "HAS_JUDGE": True, "PROTECT": True, "SEEDED": True, "OFFSET_FROM_PTR": True}),
     (_verify_kernel, {"S_PAD": 1, "R_PAD": 2, "BLOCK_D": 1024, **verify_flags, "SAMPLING": True, "TOPK": True}),
-    (_verify_kernel, {"S_PAD": 8, "R_PAD": 8, "BLOCK_D": 1024, **verify_flags, "TOPK": True}),
+    (_verify_kernel, {"S_PAD": 8, "R_PAD": 8, "BLOCK_D": 1024, **verify_flags, "TOPK": True, "PROTECT": True}),
+    (_verify_kernel, {"S_PAD": 4, "R_PAD": 16, "BLOCK_D": 1024, **verify_flags, "HAS_JUDGE": True, "PROTECT": True}),
     (_residual_draw_kernel, {"S_PAD": 64, "SEEDED": True, "OFFSET_FROM_PTR": True}),
     (_residual_draw_kernel, {"S_PAD": 1, "SEEDED": False, "OFFSET_FROM_PTR": False}),
 ):

@@ -11,8 +11,9 @@ from autojudge.commands.options import (
     engine_options,
     problem_range,
     problem_range_options,
+    protect_ends_option,
 )
-from autojudge.engine.request import DEFAULT_TOPK, DEFAULT_TOPK_ALPHA, DEFAULT_WINDOW, SCHEDULES
+from autojudge.engine.request import DEFAULT_TOPK, DEFAULT_TOPK_ALPHA, DEFAULT_WINDOW, LOSSY_MODES, SCHEDULES
 
 
 def rows_path(out: Path) -> Path:
@@ -37,6 +38,7 @@ def rows_path(out: Path) -> Path:
 @click.option("--judge", "judge_path", default=None,
               help="Judge file for modes autojudge/judge: PATH, 'default' (the shipped one for the dataset's "
                    "domain), 'default-math' or 'default-code'.")
+@protect_ends_option
 @click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=int, help="Draft tokens per cycle.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report (JSON).")
@@ -53,8 +55,8 @@ def rows_path(out: Path) -> Path:
                    "at a time: the same rows for about half the arithmetic; their batch tokens/s is then the "
                    "schedule's, so the report leaves it out (single-stream tokens/s is still measured).")
 @engine_options
-def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, judge_path, window, max_new_tokens, out, plot,
-             resume, batch_size, single_stream, schedule, **engine_kw):
+def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, judge_path, protect_ends, window,
+             max_new_tokens, out, plot, resume, batch_size, single_stream, schedule, **engine_kw):
     """Evaluate decoding modes on a dataset; rows go to OUT.partial.jsonl as they finish, the report to OUT."""
     from autojudge.errors import AutojudgeError
     from autojudge.eval import runner
@@ -74,9 +76,10 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
               "thresholds": taus, "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "single_stream": single_stream if batch_size > 1 else 0,
               "schedule": schedule, "topk": topk if "topk" in mode_list else None, "alphas": alpha_list,
+              "protect_ends": protect_ends if set(mode_list) & set(LOSSY_MODES) else None,
               **engine_kw, "rows": str(rows_path(out))}
 
-    engine = engine_from_options(**engine_kw)
+    engine = engine_from_options(**engine_kw, protect_ends=protect_ends)
     judges = runner.load_eval_judges(judge_path, engine, mode_list, problems[0].task) if judge_path else {}
     runs = runner.plan_runs(mode_list, taus, judges, alpha_list)
     log = runner.RowLog(rows_path(out), config, resume)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from autojudge.commands.options import engine_from_options, engine_options
+from autojudge.commands.options import engine_from_options, engine_options, protect_ends_option
 from autojudge.engine.request import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TOPK,
@@ -44,6 +44,7 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--alpha", default=None, type=float,
               help="Mode topk: ... whose probability is at least ALPHA x the top token's "
                    f"[default: {DEFAULT_TOPK_ALPHA}].")
+@protect_ends_option
 @click.option("--json", "as_json", is_flag=True, help="Print output and stats as one JSON object.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSONL, one prompt per line (a string, chat messages, token ids, or {\"prompt\": ...}): "
@@ -51,8 +52,8 @@ from autojudge.judge.judge_file import load_judge_for_engine
 @click.option("--batch-size", default=8, show_default=True, type=int,
               help="With --prompts-file: sequences decoded together (continuous batching).")
 def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_graphs, mode, window, max_new_tokens,
-             temperature, seed, ignore_eos, judge_path, threshold, recall, topk, alpha, as_json, prompts_file,
-             batch_size):
+             temperature, seed, ignore_eos, judge_path, threshold, recall, topk, alpha, protect_ends, as_json,
+             prompts_file, batch_size):
     """Generate from PROMPT (text; '-' or nothing reads stdin), or from every line of --prompts-file."""
     if prompts_file is not None:
         if prompt is not None:
@@ -70,7 +71,7 @@ def generate(prompt, target, draft, device, dtype, max_seq_len, kernels, cuda_gr
         raise AutojudgeError(f"--recall applies to modes autojudge and judge, not {mode!r}")
     rule = topk_rule(mode, topk, alpha, judge_path, threshold)
     engine = engine_from_options(target, None if mode == "target" else draft, device, dtype, max_seq_len, kernels,
-                                 cuda_graphs)
+                                 cuda_graphs, protect_ends)
     judge, threshold = (rule, None) if rule is not None else _judge_for(engine, mode, judge_path, threshold, recall)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, window=window, ignore_eos=ignore_eos,
                    temperature=temperature, seed=seed, judge=judge, threshold=threshold)

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from autojudge.engine.request import DEFAULT_PROTECT_ENDS
 from autojudge.errors import AutojudgeError
 
 
@@ -30,14 +31,23 @@ def engine_options(fn):
     return wrapper
 
 
-def engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs=None):
+def protect_ends_option(fn):
+    """For the commands that decode in lossy modes."""
+    return click.option(
+        "--protect-ends/--no-protect-ends", default=DEFAULT_PROTECT_ENDS, show_default=True,
+        help="Lossy modes never overrule the target where it ends the answer (end of sequence) or its code block "
+             "(a ``` token); off, the judge or top-k rule alone decides, as in the AutoJudge paper.")(fn)
+
+
+def engine_from_options(target, draft, device, dtype, max_seq_len, kernels, cuda_graphs=None,
+                        protect_ends=DEFAULT_PROTECT_ENDS):
     from autojudge.engine.engine import Engine
 
     # Library log noise would bury the one-line errors and the streamed text.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return Engine.from_pretrained(
         target=target, draft=None if draft in (None, "none") else draft, device=device,
-        dtype=dtype, max_seq_len=max_seq_len, kernels=kernels, cuda_graphs=cuda_graphs,
+        dtype=dtype, max_seq_len=max_seq_len, kernels=kernels, cuda_graphs=cuda_graphs, protect_ends=protect_ends,
     )
 
 

@@ -26,7 +26,6 @@ from autojudge.engine.engine import (
     _PhaseClock,
     _Sampler,
     draft_length,
-    lossy_verify_args,
 )
 from autojudge.kernels import VerifyOutput
 
@@ -323,7 +322,7 @@ class BatchRun:
             self.verify_outs[k_max] = VerifyOutput.empty(self.n, k_max, self.device)
         result = self.engine.verify(
             logits, drafts,
-            **lossy_verify_args(self.judge, self.threshold, features),
+            **self.engine.lossy_verify_args(self.judge, self.threshold, features),
             temperature=self.sampler.temperature,
             draft_probs=None if self.draft_probs is None else self.draft_probs[:, :k_max],
             seed=self.sampler.seed, offset=self.stats.model_steps,

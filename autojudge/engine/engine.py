@@ -15,8 +15,14 @@ import torch
 from autojudge.engine import loading
 from autojudge.engine.cuda_graphs import CudaGraphs
 from autojudge.engine.decoder import Decoder
-from autojudge.engine.request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_WINDOW, TopkRule, check_request
-from autojudge.engine.tokenizer import check_compatible, encode_prompt, load_tokenizer
+from autojudge.engine.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PROTECT_ENDS,
+    DEFAULT_WINDOW,
+    TopkRule,
+    check_request,
+)
+from autojudge.engine.tokenizer import check_compatible, encode_prompt, end_of_answer_ids, load_tokenizer
 from autojudge.errors import AutojudgeError
 from autojudge.kernels import VerifyOutput
 
@@ -100,11 +106,16 @@ class GenerationOutput:
 
 class Engine:
     def __init__(self, target: Decoder, draft: Decoder | None, tokenizer, eos_token_ids, kernels: str = "auto",
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, protected_token_ids=()):
+        """protected_token_ids: target choices that lossy modes never overrule (see `end_of_answer_ids`)."""
         from autojudge.kernels import resolve_kernels
 
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.protected_tokens = None
+        if protected_token_ids:
+            self.protected_tokens = torch.zeros(target.config.vocab_size, dtype=torch.bool, device=target.device)
+            self.protected_tokens[[i for i in protected_token_ids if i < target.config.vocab_size]] = True
         self.verify = resolve_kernels(kernels, target.device)
         self._busy = threading.Lock()
         # Committed tokens live on the device so that drafting and verifying read views, never copies.
@@ -119,8 +130,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, target: str = "default", draft: str | None = "default", device: str = "cpu",
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 4096, kernels: str = "auto",
-                        cuda_graphs: bool | None = None, attention: str = "sdpa") -> Engine:
-        """cuda_graphs None: on for CUDA, off for CPU. attention: "sdpa", or "flash" (CUDA, the `gpu` extra)."""
+                        cuda_graphs: bool | None = None, attention: str = "sdpa",
+                        protect_ends: bool = DEFAULT_PROTECT_ENDS) -> Engine:
+        """cuda_graphs None: on for CUDA, off for CPU. attention: "sdpa", or "flash" (CUDA, the `gpu` extra).
+        protect_ends: lossy modes never overrule the target's end of sequence or code fence."""
         device = _parse_device(device)
         dtype = _parse_dtype(dtype, device)
         if max_seq_len < 2:
@@ -144,7 +157,8 @@ class Engine:
                 )
             draft_dec = Decoder.load(draft_ckpt, draft_tok, dtype, device, max_seq_len, attention)
         eos = target_ckpt.eos_token_ids() | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-        return cls(target_dec, draft_dec, tokenizer, eos, kernels, cuda_graphs)
+        protected = end_of_answer_ids(tokenizer, eos) if protect_ends else ()
+        return cls(target_dec, draft_dec, tokenizer, eos, kernels, cuda_graphs, protected)
 
     def encode_prompt(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.target.config.vocab_size)
@@ -354,7 +368,7 @@ class Engine:
             cycle.verify_outs[k] = VerifyOutput.empty(1, k, self.target.device)
         return self.verify(
             logits[None], self._tokens[seq_len : seq_len + k][None],
-            **lossy_verify_args(cycle.judge, cycle.threshold, features),
+            **self.lossy_verify_args(cycle.judge, cycle.threshold, features),
             temperature=cycle.sampler.temperature,
             draft_probs=None if cycle.draft_probs is None else cycle.draft_probs[:k][None],
             # The kernel launches after the graph, not inside it, so a host int is a fresh argument every cycle;
@@ -380,16 +394,15 @@ class Engine:
         cycle.draft_valid = min(seq_len + accepted, cycle.draft_end)
         return drafted[:accepted] + [next_token], rescues
 
-
-def lossy_verify_args(judge, threshold: float | None, features) -> dict:
-    """The verify kernel's arguments for a lossy rule: a trained judge scores `features()` (called only then),
-    the top-k rule reads the logits alone; none for lossless decoding."""
-    if judge is None:
-        return {}
-    if isinstance(judge, TopkRule):
-        return dict(topk=judge.k, topk_alpha=threshold)
-    return dict(judge_features=features(), judge_weight=judge.weight, judge_bias=float(judge.bias),
-                threshold=threshold)
+    def lossy_verify_args(self, judge, threshold: float | None, features) -> dict:
+        """The verify kernel's arguments for a lossy rule: a trained judge scores `features()` (called only then),
+        the top-k rule reads the logits alone; both leave the protected tokens alone. None for lossless decoding."""
+        if judge is None:
+            return {}
+        if isinstance(judge, TopkRule):
+            return dict(topk=judge.k, topk_alpha=threshold, protected_tokens=self.protected_tokens)
+        return dict(judge_features=features(), judge_weight=judge.weight, judge_bias=float(judge.bias),
+                    threshold=threshold, protected_tokens=self.protected_tokens)
 
 
 class _Cycle:

@@ -16,6 +16,8 @@ DEFAULT_WINDOW = 8
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TOPK = 3
 DEFAULT_TOPK_ALPHA = 0.3
+# Lossy modes leave the target's end of answer (EOS, code fence) alone: see tokenizer.end_of_answer_ids.
+DEFAULT_PROTECT_ENDS = True
 # How a batch takes greedy speculative decisions: in cycles (what serving runs), or one token at a time with the
 # same outcome at about half the arithmetic (`autojudge.engine.tokenwise`; for evaluation, whose speed is measured
 # on rows decoded alone).

@@ -34,6 +34,17 @@ def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str):
             )
 
 
+# A chat model's code answer ends where its code block closes (the checkers read the first block).
+CODE_FENCE = "```"
+
+
+def end_of_answer_ids(tokenizer, eos_token_ids) -> set[int]:
+    """End-of-sequence ids and every token that holds a code fence: the target's choices to end an answer, or the
+    code block that is its answer, which no lossy rule may overrule (a judge mined on "does the answer stay right"
+    calls a draft that goes on writing test code after the block harmless, and answers grow)."""
+    return set(eos_token_ids) | {i for text, i in tokenizer.get_vocab().items() if CODE_FENCE in text}
+
+
 CHAT_ROLES = ("system", "user", "assistant")
 
 

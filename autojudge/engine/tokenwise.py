@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autojudge.engine.batched import BatchRun, _Slot
-from autojudge.engine.engine import draft_length, lossy_verify_args
+from autojudge.engine.engine import draft_length
 from autojudge.kernels import VerifyOutput
 
 
@@ -72,7 +72,8 @@ class TokenwiseRun(BatchRun):
             target = target_hidden.float()
             return target if self.draft_hidden is None else (draft_hidden.float(), target)
 
-        result = self.engine.verify(self.pair_logits, drafts, **lossy_verify_args(self.judge, self.threshold, features),
+        result = self.engine.verify(self.pair_logits, drafts,
+                                    **self.engine.lossy_verify_args(self.judge, self.threshold, features),
                                     out=self.verify_out)
         parts = [result.num_accepted, logits[:, 0].argmax(-1), draft_logits[:, 0, : self.common_vocab].argmax(-1)]
         if self.judge is not None:

@@ -31,16 +31,17 @@ from autojudge.tasks.prompts import build_messages
 CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
 # Rows made under a different value of any of these measure something else; resuming would mix them.
 RESUME_KEYS = ("dataset", "split", "offset", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device",
-               "batch_size", "single_stream", "topk", "schedule")
+               "batch_size", "single_stream", "topk", "schedule", "protect_ends")
 # Batched eval decodes this many batches' worth of problems in every run before the next ones, keeping their
 # prompts' caches meanwhile (~2.3 GB at batch 64 for the default pair in fp32): a prompt is prefilled once, not
 # once a run, and an interrupted eval has every run on the same problems.
 PROMPT_CHUNK_BATCHES = 4
 # What a rows file written before a key existed was made with.
-_BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles", "offset": 0}
-# Settings of one mode only (None where the run had no such mode): rows made without that mode hold none that the
-# setting shaped, so resuming with or without the mode, or reporting fewer modes, mixes nothing.
-_MODE_ONLY = ("topk",)
+_BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles", "offset": 0, "protect_ends": False}
+# Settings of some modes only (None where the run had none of them: `topk` for mode topk, `protect_ends` for the
+# lossy modes): rows made without those modes hold none that the setting shaped, so resuming with or without them,
+# or reporting fewer modes, mixes nothing.
+_MODE_ONLY = ("topk", "protect_ends")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ target's own verdict; ``judge_ok`` the judge's:
   vocabulary or L_i[d_i] is -inf/NaN) and ``judge_ok_i = rank_i < topk and
   L_i[d_i] - max L_i >= log(topk_alpha)``, the difference compared in fp32 (``topk_alpha`` 0:
   no probability condition), never for an out-of-vocabulary or -inf/NaN draft.
+* protected tokens (``protected_tokens`` [V] bool, e.g. end-of-sequence and code-fence tokens): where the
+  target's own choice at row i, ``argmax L_i`` (raw logits even when sampling, NaN -> -inf, lowest index
+  among ties), is protected, ``judge_ok_i`` is False whatever the judge or top-k rule says (``judge_prob_i``
+  is still reported): a lossy rule may swap one token of the answer for another, never overrule the target's
+  choice to end it.
 * ``ok_i = target_ok_i | judge_ok_i``; ``num_accepted`` = index of the first not-ok position
   (K if none); ``next_token`` = the greedy argmax / sampled token of row ``num_accepted``.
   Positions accepted only by the judge keep the drafted token: the caller emits
@@ -99,6 +104,7 @@ class VerifyInputs:
     offset: int | torch.Tensor
     topk: int
     topk_alpha: float
+    protected_tokens: torch.Tensor | None
     out: VerifyOutput
 
     @property
@@ -156,6 +162,7 @@ def prepare_inputs(
     offset,
     topk,
     topk_alpha,
+    protected_tokens,
     out,
 ) -> VerifyInputs:
     if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
@@ -234,6 +241,13 @@ def prepare_inputs(
     if topk and features:
         raise ValueError("topk > 0 replaces the judge: pass judge_features or topk, not both")
 
+    if protected_tokens is not None:
+        _check_shape("protected_tokens", protected_tokens, (vocab,), device)
+        if protected_tokens.dtype != torch.bool:
+            raise ValueError(f"protected_tokens must be a bool mask over the vocabulary, got {protected_tokens.dtype}")
+        # Without a judge or top-k rule nothing can overrule the target: there is nothing to protect.
+        protected_tokens = protected_tokens.contiguous() if (features or topk) else None
+
     if out is None:
         out = VerifyOutput.empty(batch, k, device)
     else:
@@ -265,5 +279,6 @@ def prepare_inputs(
         offset=offset,
         topk=int(topk),
         topk_alpha=topk_alpha,
+        protected_tokens=protected_tokens,
         out=out,
     )

@@ -83,13 +83,15 @@ def verify_reference(
     offset=0,
     topk: int = 0,
     topk_alpha: float = 0.0,
+    protected_tokens: torch.Tensor | None = None,
     out: VerifyOutput | None = None,
 ) -> VerifyOutput:
     """Eager verify step; same signature and results as ``autojudge.kernels.verify``."""
     inp = prepare_inputs(
         target_logits, draft_tokens, judge_features=judge_features, judge_weight=judge_weight,
         judge_bias=judge_bias, threshold=threshold, temperature=temperature, draft_probs=draft_probs,
-        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha, out=out,
+        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha,
+        protected_tokens=protected_tokens, out=out,
     )
     b, k, v = inp.batch, inp.k, inp.vocab
     device = inp.logits.device
@@ -120,6 +122,9 @@ def verify_reference(
     else:
         judge_prob = torch.zeros(b, k, dtype=torch.float32, device=device)
         judge_ok = torch.zeros(b, k, dtype=torch.bool, device=device)
+
+    if inp.protected_tokens is not None:
+        judge_ok = judge_ok & ~inp.protected_tokens[sanitised(inp.logits[:, :k]).argmax(-1)]
 
     rejected = ~(target_ok | judge_ok)
     # argmax over [rejected, True] finds the first rejection, or K when there is none.

@@ -69,14 +69,14 @@ def _verify_kernel(
     u_ptr, stride_ub, stride_uk,
     f1_ptr, stride_f1b, stride_f1k, D1,
     f2_ptr, stride_f2b, stride_f2k, D2,
-    w_ptr, judge_bias, threshold, temperature, topk, log_alpha,
+    w_ptr, judge_bias, threshold, temperature, topk, log_alpha, protect_ptr,
     seed, offset_val, offset_ptr,
     part_max_ptr, part_idx_ptr, part_sum_ptr, part_cnt_ptr, part_top_ptr, counter_ptr,
     num_acc_ptr, next_tok_ptr, target_ok_ptr, judge_ok_ptr, judge_prob_ptr, sel_max_ptr, sel_sum_ptr,
     K, V, split_len, S,
     S_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     SAMPLING: tl.constexpr, HAS_JUDGE: tl.constexpr, HAS_F2: tl.constexpr, TOPK: tl.constexpr,
-    SEEDED: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+    PROTECT: tl.constexpr, SEEDED: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
 ):
     s = tl.program_id(0)
     r = tl.program_id(1)
@@ -92,6 +92,7 @@ def _verify_kernel(
     denom = 0.0
     above = 0
     raw_max = float("-inf")
+    raw_idx = 0
     if TOPK:
         # The bonus row and out-of-vocabulary drafts count against -inf: phase 2 ignores those rows.
         d_own = tl.load(draft_ptr + b * stride_db + r * stride_dk, mask=r < K, other=-1).to(tl.int64)
@@ -106,8 +107,12 @@ def _verify_kernel(
             x = raw
         if TOPK:
             above += tl.sum((raw > x_own).to(tl.int32), 0)  # strict: ties share the better rank
-            if SAMPLING:  # greedy's best already is the raw max
-                raw_max = tl.maximum(raw_max, tl.max(raw, 0))
+        if SAMPLING and (TOPK or PROTECT):
+            # Greedy's best already is the raw max and argmax; tempering clamps, so it may tie distinct raw maxima.
+            raw_best, raw_block_idx = tl.max(raw, 0, return_indices=True, return_indices_tie_break_left=True)
+            take_raw = raw_best > raw_max
+            raw_idx = tl.where(take_raw, v0 + raw_block_idx, raw_idx)
+            raw_max = tl.where(take_raw, raw_best, raw_max)
         if SAMPLING:
             new_best = tl.maximum(best, tl.max(x, 0))
             # Online softmax denominator; the where()s keep all -inf rows at 0 instead of NaN.
@@ -128,8 +133,10 @@ def _verify_kernel(
         tl.store(part_idx_ptr + part, best_idx)
     if TOPK:
         tl.store(part_cnt_ptr + part, above)
-        if SAMPLING:
-            tl.store(part_top_ptr + part, raw_max)
+    if SAMPLING and (TOPK or PROTECT):
+        tl.store(part_top_ptr + part, raw_max)
+    if SAMPLING and PROTECT:
+        tl.store(part_idx_ptr + part, raw_idx)
 
     if HAS_JUDGE and (s == 0) & (r < K):
         offs_d = tl.arange(0, BLOCK_D)
@@ -190,19 +197,21 @@ def _verify_kernel(
         else:
             u = tl.load(u_ptr + b * stride_ub + offs_r * stride_uk, mask=is_draft, other=0.0).to(tl.float32)
         target_ok = in_vocab & (u * q_d <= p_d)
+        if TOPK or PROTECT:
+            ptop = tl.load(part_top_ptr + parts, mask=tile_mask, other=float("-inf"), cache_modifier=".cg")
+            row_top = tl.max(ptop, 1)
+        if PROTECT:
+            pidx = tl.load(part_idx_ptr + parts, mask=tile_mask, other=V, cache_modifier=".cg")
+            row_tok = tl.min(tl.where(ptop == row_top[:, None], pidx, V), 1)
     else:
         pidx = tl.load(part_idx_ptr + parts, mask=tile_mask, other=V, cache_modifier=".cg")
         # Splits are in vocabulary order, so the smallest index among tied maxima is the global
         # lowest-index argmax.
         row_tok = tl.min(tl.where(pmax == row_max[:, None], pidx, V), 1)
+        row_top = row_max
         target_ok = row_tok == d
     if TOPK:
         rank = tl.sum(tl.load(part_cnt_ptr + parts, mask=tile_mask, other=0, cache_modifier=".cg"), 1)
-        if SAMPLING:
-            ptop = tl.load(part_top_ptr + parts, mask=tile_mask, other=float("-inf"), cache_modifier=".cg")
-            row_top = tl.max(ptop, 1)
-        else:
-            row_top = row_max
         valid = in_vocab & (x_d_raw > float("-inf"))
         # Only a finite logit below the max is subtracted: a tie is ratio 1 even at +inf, and no
         # inf - inf (or -inf - -inf on padding rows) makes a NaN.
@@ -216,6 +225,8 @@ def _verify_kernel(
     else:
         judge_ok = target_ok & False
         tl.store(judge_prob_ptr + b * K + offs_r, tl.zeros([R_PAD], dtype=tl.float32), mask=is_draft)
+    if PROTECT:
+        judge_ok = judge_ok & (tl.load(protect_ptr + row_tok, mask=is_draft & (row_tok < V), other=0) == 0)
     tl.store(target_ok_ptr + b * K + offs_r, target_ok.to(tl.int8), mask=is_draft)
     tl.store(judge_ok_ptr + b * K + offs_r, judge_ok.to(tl.int8), mask=is_draft)
     num_acc = tl.min(tl.where(is_draft & ~(target_ok | judge_ok), offs_r, K), 0)
@@ -379,6 +390,7 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig, race_cfg: LaunchConfig) -> Ver
     f1 = inp.features[0] if inp.features else logits
     f2 = inp.features[1] if len(inp.features) > 1 else f1
     w = inp.judge_weight if inp.judge_weight is not None else ws.part_sum
+    protect = inp.protected_tokens if inp.protected_tokens is not None else out.judge_ok
     offset_is_tensor = isinstance(inp.offset, torch.Tensor)
     seeded = inp.sampling and inp.uniforms is None
     _verify_kernel[(cfg.splits, k + 1, b)](
@@ -390,7 +402,7 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig, race_cfg: LaunchConfig) -> Ver
         f2, f2.stride(0), f2.stride(1), f2.shape[2] if len(inp.features) > 1 else 0,
         w, inp.judge_bias, inp.threshold, inp.temperature if inp.sampling else 1.0,
         # A rank is below V, so a larger topk is V: one int32 signature for every topk.
-        min(inp.topk, v), inp.topk_log_alpha,
+        min(inp.topk, v), inp.topk_log_alpha, protect.view(torch.int8),
         inp.seed or 0, 0 if offset_is_tensor else int(inp.offset),
         inp.offset if offset_is_tensor else ws.counter,
         ws.part_max, ws.part_idx, ws.part_sum, ws.part_cnt, ws.part_top, ws.counter,
@@ -401,7 +413,7 @@ def _launch(inp: VerifyInputs, cfg: LaunchConfig, race_cfg: LaunchConfig) -> Ver
         S_PAD=triton.next_power_of_2(cfg.splits), R_PAD=triton.next_power_of_2(k + 1),
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         SAMPLING=inp.sampling, HAS_JUDGE=bool(inp.features), HAS_F2=len(inp.features) > 1, TOPK=inp.topk > 0,
-        SEEDED=seeded, OFFSET_FROM_PTR=offset_is_tensor,
+        PROTECT=inp.protected_tokens is not None, SEEDED=seeded, OFFSET_FROM_PTR=offset_is_tensor,
         num_warps=cfg.num_warps,
     )
     if inp.sampling:
@@ -436,6 +448,7 @@ def verify(
     offset=0,
     topk: int = 0,
     topk_alpha: float = 0.0,
+    protected_tokens: torch.Tensor | None = None,
     out: VerifyOutput | None = None,
 ) -> VerifyOutput:
     """Fused verify step (one Triton launch, two when sampling; no host sync); semantics in
@@ -446,14 +459,16 @@ def verify(
     tensors read as concatenated along D, with judge_weight [sum Di] fp32. When sampling,
     ``offset`` may be a one-element int64 device tensor that the caller advances in place, so a
     CUDA graph replay draws fresh randomness. ``topk`` > 0 (with ``topk_alpha``) replaces the
-    judge by the top-k rule in ``judge_ok`` / ``judge_prob``. Pass ``out`` (e.g.
+    judge by the top-k rule in ``judge_ok`` / ``judge_prob``; ``protected_tokens`` [V] bool lists the target
+    choices (end of answer) that neither may overrule. Pass ``out`` (e.g.
     ``VerifyOutput.empty``) to reuse buffers and scratch across cycles: then the step is its
     launches with no allocation.
     """
     inp = prepare_inputs(
         target_logits, draft_tokens, judge_features=judge_features, judge_weight=judge_weight,
         judge_bias=judge_bias, threshold=threshold, temperature=temperature, draft_probs=draft_probs,
-        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha, out=out,
+        uniforms=uniforms, noise=noise, seed=seed, offset=offset, topk=topk, topk_alpha=topk_alpha,
+        protected_tokens=protected_tokens, out=out,
     )
     device = inp.logits.device
     if device.type == "cpu" and not interpreted():
