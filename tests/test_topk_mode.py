@@ -97,10 +97,11 @@ def _cli(*args):
 
 def test_cli_generate_and_eval(tiny_pair, tmp_path):
     models = ["--target", tiny_pair[0], "--draft", tiny_pair[1], "--max-seq-len", 256, "--kernels", "eager"]
-    result = _cli("generate", "--mode", "topk", "--topk", 3, "--alpha", 0.1, "--max-new-tokens", 12, "--json",
-                  "hello", *models)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["stats"]["mode"] == "topk"
+    for protect in ("--protect-ends", "--no-protect-ends"):
+        result = _cli("generate", "--mode", "topk", "--topk", 3, "--alpha", 0.1, "--max-new-tokens", 12, "--json",
+                      protect, "hello", *models)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["stats"]["mode"] == "topk"
     for bad, needle in ((["--mode", "speculative", "--topk", 2], "apply to mode topk"),
                         (["--mode", "topk", "--alpha", 2], "alpha must be in [0, 1]"),
                         (["--mode", "topk", "--threshold", 0.5], "needs no trained judge")):
