@@ -274,8 +274,31 @@ def test_resume_never_mixes_protected_and_unprotected_lossy_rows(tmp_path, datas
     assert fake.calls == []
 
 
+def test_resume_never_mixes_rows_of_a_retrained_head_under_the_same_name(tmp_path, dataset, fake, monkeypatch):
+    heads = {"autojudge": SimpleNamespace(thresholds={}, fingerprint="old"),
+             "judge": SimpleNamespace(thresholds={}, fingerprint="jd")}
+    monkeypatch.setattr(runner, "load_eval_judges",
+                        lambda path, engine, modes, task: {m: heads[m] for m in modes if m in heads})
+    out = tmp_path / "r.json"
+    args = ["--dataset", dataset, "--max-new-tokens", 8, "--out", out]
+    judged = [*args, "--judge", "default", "--thresholds", "0.3"]
+    assert _eval([*judged, "--modes", "speculative,autojudge"]).exit_code == 0
+    heads["autojudge"].fingerprint = "new"  # `autojudge train` shipped another default
+    fake.calls.clear()
+    result = _eval([*judged, "--modes", "speculative,autojudge", "--resume"])
+    assert result.exit_code == 1 and "different autojudge_head" in result.output and fake.calls == []
+    # Rows no head shaped still resume, and another judge mode's head is taken up and recorded.
+    assert _eval([*args, "--modes", "speculative", "--resume"]).exit_code == 0
+    assert fake.calls == []
+    result = _eval([*judged, "--modes", "speculative,judge", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert fake.calls == [("judge", 0.3)] * 3
+    header = json.loads((tmp_path / "r.json.partial.jsonl").read_text().splitlines()[0])
+    assert header["autojudge_head"] == "old" and header["judge_head"] == "jd"
+
+
 def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatch):
-    judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}})
+    judge = SimpleNamespace(thresholds={"recall": {"0.9": 0.3, "0.8": 0.6}, "quantile": {"0.5": 0.1}}, fingerprint="a")
     monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: {"autojudge": judge})
     out = tmp_path / "r.json"
     result = _eval(["--dataset", dataset, "--judge", "j", "--max-new-tokens", 8, "--out", out])
@@ -287,8 +310,8 @@ def test_judge_modes_sweep_stored_thresholds(tmp_path, dataset, fake, monkeypatc
 
 
 def test_each_judge_mode_decodes_with_its_own_head(tmp_path, dataset, fake, monkeypatch):
-    heads = {"autojudge": SimpleNamespace(thresholds={"recall": {"0.9": 0.3}}),
-             "judge": SimpleNamespace(thresholds={"recall": {"0.9": 0.05}})}
+    heads = {"autojudge": SimpleNamespace(thresholds={"recall": {"0.9": 0.3}}, fingerprint="a"),
+             "judge": SimpleNamespace(thresholds={"recall": {"0.9": 0.05}}, fingerprint="b")}
     monkeypatch.setattr(runner, "load_eval_judges", lambda path, engine, modes, task: heads)
     out = tmp_path / "r.json"
     result = _eval(["--dataset", dataset, "--modes", "autojudge,judge", "--judge", "default", "--out", out])

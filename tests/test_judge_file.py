@@ -56,6 +56,10 @@ def test_round_trip_and_folded_probabilities(tmp_path):
     assert judge.threshold_for(threshold=0.3) == 0.3
     with pytest.raises(AutojudgeError, match="0.8, 0.9, 0.95, 0.99"):
         judge.threshold_for(recall=0.5)
+    # The fingerprint names the weights, not the file: a copy agrees, a retrained head does not.
+    _, other, _ = trained(seed=1)
+    assert load_judge(save_judge(tmp_path / "copy", res, meta)[0], TARGET, DRAFT).fingerprint == judge.fingerprint
+    assert load_judge(save_judge(tmp_path / "j", other, meta)[0], TARGET, DRAFT).fingerprint != judge.fingerprint
     with pytest.raises(AutojudgeError):
         judge.threshold_for(recall=0.9, threshold=0.2)
 

@@ -81,6 +81,7 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
 
     engine = engine_from_options(**engine_kw, protect_ends=protect_ends)
     judges = runner.load_eval_judges(judge_path, engine, mode_list, problems[0].task) if judge_path else {}
+    config.update(runner.head_settings(judges))
     runs = runner.plan_runs(mode_list, taus, judges, alpha_list)
     log = runner.RowLog(rows_path(out), config, resume)
     rows = runner.evaluate(engine, problems, runs, log, window=window, max_new_tokens=max_new_tokens,

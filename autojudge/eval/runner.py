@@ -29,9 +29,12 @@ from autojudge.tasks.checkers import gsm8k_checker, humaneval_checker
 from autojudge.tasks.prompts import build_messages
 
 CHECKERS = {"gsm8k": gsm8k_checker, "humaneval": humaneval_checker}
+# The config key naming the weights each judge mode decoded with: a head retrained under the same path (a new
+# shipped default) scores differently, so its rows must not mix with the old head's.
+HEAD_KEYS = {mode: f"{mode}_head" for mode in JUDGE_MODES}
 # Rows made under a different value of any of these measure something else; resuming would mix them.
 RESUME_KEYS = ("dataset", "split", "offset", "window", "max_new_tokens", "target", "draft", "judge", "dtype", "device",
-               "batch_size", "single_stream", "topk", "schedule", "protect_ends")
+               "batch_size", "single_stream", "topk", "schedule", "protect_ends", *HEAD_KEYS.values())
 # Batched eval decodes this many batches' worth of problems in every run before the next ones, keeping their
 # prompts' caches meanwhile (~2.3 GB at batch 64 for the default pair in fp32): a prompt is prefilled once, not
 # once a run, and an interrupted eval has every run on the same problems.
@@ -39,9 +42,9 @@ PROMPT_CHUNK_BATCHES = 4
 # What a rows file written before a key existed was made with.
 _BEFORE_KEY = {"batch_size": 1, "single_stream": 0, "schedule": "cycles", "offset": 0, "protect_ends": False}
 # Settings of some modes only (None where the run had none of them: `topk` for mode topk, `protect_ends` for the
-# lossy modes): rows made without those modes hold none that the setting shaped, so resuming with or without them,
-# or reporting fewer modes, mixes nothing.
-_MODE_ONLY = ("topk", "protect_ends")
+# lossy modes, the judge and its heads for the judge modes): rows made without those modes hold none that the
+# setting shaped, so resuming with or without them, or reporting fewer modes, mixes nothing.
+_MODE_ONLY = ("topk", "protect_ends", "judge", *HEAD_KEYS.values())
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,11 @@ def load_eval_judges(path: str, engine, modes: list[str], task: str) -> dict:
     """The head of each judge mode in `modes`: the file at `path` (it must suit them all), or with 'default' the
     head shipped for each mode and `task`'s domain (`load_judge_for_engine`)."""
     return {mode: load_judge_for_engine(path, engine, mode, task) for mode in modes if mode in JUDGE_MODES}
+
+
+def head_settings(judges: dict) -> dict:
+    """The config's fingerprint of each judge mode's head (None for a mode the run does not decode)."""
+    return {key: judges[mode].fingerprint if mode in judges else None for mode, key in HEAD_KEYS.items()}
 
 
 def row_key(mode: str, threshold: float | None, problem_id: str) -> tuple:

@@ -10,6 +10,7 @@ Judge Decoding heads are stored the same way: "important" there means "at or aft
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import pickle
@@ -107,6 +108,12 @@ class Judge:
     @property
     def uses_draft(self) -> bool:
         return "draft" in BLOCKS[self.setup]
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the head's weights: two files give the same scores exactly when their fingerprints agree."""
+        folded = torch.cat([self.weight.detach().cpu(), self.bias.detach().cpu()]).to(torch.float32)
+        return hashlib.sha256(folded.numpy().tobytes()).hexdigest()[:16]
 
     def p_important(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(features.to(torch.float32) @ self.weight + float(self.bias))
