@@ -16,7 +16,14 @@ from autojudge.engine.engine import GenerationStats
 from autojudge.errors import AutojudgeError
 from autojudge.eval import runner
 from autojudge.eval.report import aggregate, markdown_table, paired_difference, plot_pareto
-from autojudge.eval.runner import Run, parse_modes, parse_thresholds, plan_runs, validate
+from autojudge.eval.runner import (
+    Run,
+    parse_mode_thresholds,
+    parse_modes,
+    parse_thresholds,
+    plan_runs,
+    validate,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,8 +110,14 @@ def test_plan_sweeps_stored_recall_thresholds_sorted():
                                         "quantile": {"0.5": 0.3}})
     assert plan_runs(["target", "autojudge"], None, {"autojudge": judge}) == [
         Run("target"), Run("autojudge", 0.05, 0.99), Run("autojudge", 0.2, 0.9), Run("autojudge", 0.4, 0.8)]
-    assert plan_runs(["speculative", "judge"], [0.1, 0.3], {"judge": judge}) == [
+    assert plan_runs(["speculative", "judge"], {None: [0.1, 0.3]}, {"judge": judge}) == [
         Run("speculative"), Run("judge", 0.1), Run("judge", 0.3)]
+    # A mode's own thresholds override the ones for every judge mode, and a mode given none sweeps its head's.
+    both = parse_mode_thresholds(["0.1,0.3", "judge=0.14"])
+    assert plan_runs(["autojudge", "judge"], both, {"autojudge": judge, "judge": judge}) == [
+        Run("autojudge", 0.1), Run("autojudge", 0.3), Run("judge", 0.14)]
+    assert plan_runs(["autojudge", "judge"], parse_mode_thresholds(["judge=0.14"]),
+                     {"autojudge": judge, "judge": judge})[0] == Run("autojudge", 0.05, 0.99)
     # Each judge mode sweeps the thresholds stored in its own head.
     other = SimpleNamespace(thresholds={"recall": {"0.9": 0.7}})
     assert plan_runs(["autojudge", "judge"], None, {"autojudge": judge, "judge": other})[-2:] == [
@@ -116,10 +129,15 @@ def test_plan_sweeps_stored_recall_thresholds_sorted():
     (lambda: parse_thresholds("0.1,-1"), "[0, 1]"),
     (lambda: parse_thresholds("1.5"), "[0, 1]"),
     (lambda: parse_thresholds("a,b"), "comma-separated"),
-    (lambda: validate(["autojudge"], None, False, 8, 16), "needs a judge"),
-    (lambda: validate(["speculative"], [0.1], False, 8, 16), "--thresholds apply"),
-    (lambda: validate(["speculative"], None, True, 8, 16), "--judge applies"),
-    (lambda: validate(["speculative"], None, False, 0, 16), "--window"),
+    (lambda: validate(["autojudge"], {}, False, 8, 16), "needs a judge"),
+    (lambda: validate(["speculative"], {None: [0.1]}, False, 8, 16), "--thresholds apply"),
+    (lambda: validate(["autojudge"], {"judge": [0.1]}, True, 8, 16), "add judge to --modes"),
+    (lambda: parse_mode_thresholds(["topk=0.1"]), "'topk' is not a judge mode"),
+    (lambda: parse_mode_thresholds(["judge=0.1", "judge=0.2"]), "given twice"),
+    (lambda: parse_mode_thresholds(["0.1", "0.2"]), "every judge mode given twice"),
+    (lambda: parse_mode_thresholds(["judge=2"]), "[0, 1]"),
+    (lambda: validate(["speculative"], {}, True, 8, 16), "--judge applies"),
+    (lambda: validate(["speculative"], {}, False, 0, 16), "--window"),
 ])
 def test_bad_options(call, needle):
     with pytest.raises(AutojudgeError, match=re.escape(needle)):
@@ -318,6 +336,14 @@ def test_each_judge_mode_decodes_with_its_own_head(tmp_path, dataset, fake, monk
     assert result.exit_code == 0, result.output
     assert {(call, id(judge)) for call, judge in zip(fake.calls, fake.judges)} == {
         (("autojudge", 0.3), id(heads["autojudge"])), (("judge", 0.05), id(heads["judge"]))}
+    # Each head on its own scale: thresholds given per mode.
+    fake.calls.clear()
+    result = _eval(["--dataset", dataset, "--modes", "autojudge,judge", "--judge", "default", "--out", out,
+                    "--thresholds", "autojudge=0.2,0.4", "--thresholds", "judge=0.1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(set(fake.calls)) == [("autojudge", 0.2), ("autojudge", 0.4), ("judge", 0.1)]
+    assert [(r["mode"], r["threshold"]) for r in json.loads(out.read_text())["results"]] == [
+        ("autojudge", 0.2), ("autojudge", 0.4), ("judge", 0.1)]
 
 
 def _assert_clean_error(args, needle):

@@ -27,9 +27,9 @@ def rows_path(out: Path) -> Path:
 @click.option("--modes", default=None,
               help="Comma-separated: target, speculative, autojudge, judge, topk "
                    "[default: target,speculative, plus autojudge with --judge].")
-@click.option("--thresholds", default=None,
-              help="Comma-separated judge thresholds in (0, 1] for modes autojudge/judge "
-                   "[default: the judge's stored recall-based thresholds].")
+@click.option("--thresholds", multiple=True,
+              help="Comma-separated judge thresholds in (0, 1] for modes autojudge/judge, or MODE=... for one of "
+                   "them (repeat the option for both) [default: each judge's stored recall-based thresholds].")
 @click.option("--topk", default=DEFAULT_TOPK, show_default=True, type=click.IntRange(min=1),
               help="Mode topk: a mismatching draft token is kept when among the target's top K ...")
 @click.option("--alphas", default=None,
@@ -64,7 +64,7 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
     from autojudge.tasks.datasets import load_dataset
 
     mode_list = runner.parse_modes(modes or ("target,speculative,autojudge" if judge_path else "target,speculative"))
-    taus = runner.parse_thresholds(thresholds)
+    taus = runner.parse_mode_thresholds(thresholds)
     alpha_list = runner.parse_thresholds(alphas, "--alphas")
     runner.validate(mode_list, taus, judge_path is not None, window, max_new_tokens, alpha_list)
     if schedule != "cycles" and batch_size == 1:
@@ -73,7 +73,8 @@ def eval_cmd(dataset, split, offset, limit, modes, thresholds, topk, alphas, jud
     if mode_list == ["target"]:
         engine_kw["draft"] = None
     config = {"dataset": dataset, "split": split, "offset": offset, "limit": limit, "n_problems": len(problems), "modes": mode_list,
-              "thresholds": taus, "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
+              "thresholds": {mode or "every judge mode": values for mode, values in taus.items()} or None,
+              "judge": judge_path, "window": window, "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "single_stream": single_stream if batch_size > 1 else 0,
               "schedule": schedule, "topk": topk if "topk" in mode_list else None, "alphas": alpha_list,
               "protect_ends": protect_ends if set(mode_list) & set(LOSSY_MODES) else None,

@@ -74,12 +74,32 @@ def parse_thresholds(text: str | None, option: str = "--thresholds") -> list[flo
     return sorted({check_threshold(v, option) for v in values})
 
 
-def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, window: int,
+def parse_mode_thresholds(values: tuple[str, ...] | list[str]) -> dict[str | None, list[float]]:
+    """The --thresholds given: "0.1,0.3" for every judge mode (key None) or "MODE=0.1,0.3" for one, each at most
+    once (the heads score on different scales, so each mode can sweep its own)."""
+    parsed = {}
+    for value in values:
+        mode, named, text = value.rpartition("=")
+        if named and mode not in JUDGE_MODES:
+            raise AutojudgeError(f"--thresholds {value!r}: {mode!r} is not a judge mode; "
+                                 f"name one of {', '.join(JUDGE_MODES)} or give the thresholds alone")
+        key = mode if named else None
+        if key in parsed:
+            raise AutojudgeError(f"--thresholds {value!r}: thresholds for {key or 'every judge mode'} given twice; "
+                                 "give them once, comma-separated")
+        parsed[key] = parse_thresholds(text, f"--thresholds {mode}=" if named else "--thresholds")
+    return parsed
+
+
+def validate(modes: list[str], thresholds: dict[str | None, list[float]], has_judge: bool, window: int,
              max_new_tokens: int, alphas: list[float] | None = None) -> None:
     """Refuse inconsistent options before any model is loaded."""
     judged = [m for m in modes if m in JUDGE_MODES]
-    if thresholds is not None and not judged:
+    if thresholds and not judged:
         raise AutojudgeError("--thresholds apply to modes autojudge and judge; add one to --modes or drop them")
+    for mode in thresholds:
+        if mode is not None and mode not in modes:
+            raise AutojudgeError(f"--thresholds {mode}=...: add {mode} to --modes or drop its thresholds")
     if has_judge and not judged:
         raise AutojudgeError("--judge applies to modes autojudge and judge; add one to --modes or drop --judge")
     if alphas is not None and "topk" not in modes:
@@ -89,17 +109,19 @@ def validate(modes: list[str], thresholds: list[float] | None, has_judge: bool, 
                       has_judge=mode == "topk" or (has_judge and mode in judged))
 
 
-def plan_runs(modes: list[str], thresholds: list[float] | None, judges: dict | None = None,
+def plan_runs(modes: list[str], thresholds: dict[str | None, list[float]] | None = None, judges: dict | None = None,
               alphas: list[float] | None = None) -> list[Run]:
-    """Target/speculative once each; judge modes once per threshold (default: the recall-based ones stored in
-    that mode's judge, `judges[mode]`); mode topk once per alpha, held in the run's threshold.
+    """Target/speculative once each; judge modes once per threshold (`parse_mode_thresholds`' list for the mode,
+    else the one for every mode, else the recall-based ones stored in that mode's judge, `judges[mode]`); mode
+    topk once per alpha, held in the run's threshold.
 
     `judges` is needed only to sweep stored thresholds; `validate` has checked it is there when modes need it.
     """
     runs = []
     for mode in modes:
         if mode in JUDGE_MODES:
-            runs += [Run(mode, tau, recall) for tau, recall in _sweep(thresholds, judges and judges[mode])]
+            given = (thresholds or {}).get(mode, (thresholds or {}).get(None))
+            runs += [Run(mode, tau, recall) for tau, recall in _sweep(given, judges and judges[mode])]
         elif mode == "topk":
             runs += [Run(mode, alpha) for alpha in alphas or (DEFAULT_TOPK_ALPHA,)]
         else:
