@@ -117,10 +117,10 @@ def plan_runs(modes: list[str], thresholds: dict[str | None, list[float]] | None
 
     `judges` is needed only to sweep stored thresholds; `validate` has checked it is there when modes need it.
     """
-    runs = []
+    runs, thresholds = [], thresholds or {}
     for mode in modes:
         if mode in JUDGE_MODES:
-            given = (thresholds or {}).get(mode, (thresholds or {}).get(None))
+            given = thresholds.get(mode, thresholds.get(None))
             runs += [Run(mode, tau, recall) for tau, recall in _sweep(given, judges and judges[mode])]
         elif mode == "topk":
             runs += [Run(mode, alpha) for alpha in alphas or (DEFAULT_TOPK_ALPHA,)]
