@@ -11,10 +11,15 @@ target closes the block; the tests still pass, the answer grows, and no answer a
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from collections import defaultdict
+import sys
+from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autojudge.eval.report import aggregate  # noqa: E402
+from autojudge.jsonl import read_jsonl  # noqa: E402
 
 FIRST_BLOCK = re.compile(r"```(?:python)?\n(.*?)(?:```|$)", re.S)
 # A line of test code: an assertion, a print, or the comment the 0.5B draft opens its tests with.
@@ -27,16 +32,11 @@ def has_test_code(text: str) -> bool:
 
 
 def summarise(path: Path) -> list[tuple[str, str, int, int, float]]:
-    groups = defaultdict(list)
-    for line in path.read_text().splitlines()[1:]:  # the first line is the run's config
-        row = json.loads(line)
-        groups[(row["mode"], row["threshold"])].append(row)
-    out = []
-    for (mode, threshold), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0)):
-        tests = sum(has_test_code(r["text"]) for r in rows)
-        out.append((mode, "-" if threshold is None else f"{threshold:g}", len(rows), tests,
-                    sum(r["new_tokens"] for r in rows) / len(rows)))
-    return out
+    rows = [row for _, row in read_jsonl(path)[1:]]  # the first line is the run's config
+    tests = Counter((r["mode"], r["threshold"]) for r in rows if has_test_code(r["text"]))
+    results = sorted(aggregate(rows), key=lambda r: (r["mode"], r["threshold"] or 0.0))
+    return [(r["mode"], "-" if r["threshold"] is None else f"{r['threshold']:g}", r["n"],
+             tests[r["mode"], r["threshold"]], r["mean_new_tokens"]) for r in results]
 
 
 def main() -> None:
