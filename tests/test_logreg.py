@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from autojudge.errors import AutojudgeError
 from autojudge.judge.logreg import Scaler, fit_head, fit_logreg
 from autojudge.judge.metrics import confusion_at, roc_auc, threshold_for_quantile, threshold_for_recall
-from autojudge.judge.train import grouped_split, learning_curve, train_judge
+from autojudge.judge.train import C_GRID, grouped_split, pick_c, train_judge
 
 
 def planted(n, d=8, seed=0, noise=0.3):
@@ -86,16 +86,24 @@ def test_train_report_and_thresholds():
 def test_learning_curve_shares_the_validation_split_and_ends_at_the_full_head():
     x, y = planted(900, seed=7, noise=1.5)
     groups = [f"p{i // 9}" for i in range(900)]  # 100 problems: 80 train, 20 validation
-    curve = learning_curve(x, y, groups, [1.0, 0.1, 0.5], val_fraction=0.2, seed=3)
+    full = train_judge(x, y, groups, val_fraction=0.2, seed=3, curve_fractions=[1.0, 0.1, 0.5])
+    curve = full.report["learning_curve"]
     assert [p["fraction"] for p in curve] == [0.1, 0.5, 1.0]
     assert [p["problems"] for p in curve] == [8, 40, 80]
     assert [p["rows"] for p in curve] == [72, 360, 720]
-    full = train_judge(x, y, groups, val_fraction=0.2, seed=3)
-    # The whole training set is exactly the split train_judge picks C on.
-    assert curve[-1]["val_auc"] == full.report["val_auc"] and curve[-1]["best_c"] == full.best_c
+    # The whole training share is exactly the split train_judge picks C on: a head fitted on it from scratch
+    # scores what the curve reuses.
+    refit_c, refit_auc, _, _ = pick_c(*_split_rows(x, y, groups, 0.2, 3), C_GRID, "training")
+    assert (curve[-1]["best_c"], curve[-1]["val_auc"]) == (refit_c, refit_auc) == (full.best_c, full.report["val_auc"])
     assert curve[0]["val_auc"] < curve[-1]["val_auc"]  # 8 noisy problems learn less than 80
     with pytest.raises(AutojudgeError, match="--learning-curve"):
-        learning_curve(x, y, groups, [0.0, 0.5])
+        train_judge(x, y, groups, curve_fractions=[0.0, 0.5])
+
+
+def _split_rows(x, y, groups, val_fraction, seed):
+    train_idx, val_idx = grouped_split(groups, val_fraction, seed)
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
 def test_single_class_validation_is_refused():

@@ -70,7 +70,7 @@ def train(labels, unfinished, annotations, setup, out, features_path, export, va
     """Train a logistic-regression judge head and write the judge file."""
     from autojudge.eval.runner import parse_thresholds
     from autojudge.judge.judge_file import export_vllm, save_judge
-    from autojudge.judge.train import check_fractions, learning_curve, train_judge
+    from autojudge.judge.train import check_fractions, train_judge
 
     if export == "vllm" and (setup or ("DD-DT" if labels else "DT")) != "DT":
         raise AutojudgeError("--export vllm needs target-only features; add --setup DT")
@@ -82,10 +82,8 @@ def train(labels, unfinished, annotations, setup, out, features_path, export, va
     for one, path, reused in sets:
         click.echo(f"features: {path} ({'reused' if reused else 'computed'}, {one.features.shape[0]} rows)", err=True)
     fs = merge_feature_sets([one for one, _, _ in sets])
-    result = train_judge(fs.features, fs.important, fs.groups, val_fraction=val_fraction, seed=seed)
-    if fractions is not None:
-        result.report["learning_curve"] = learning_curve(fs.features, fs.important, fs.groups, fractions,
-                                                         val_fraction=val_fraction, seed=seed)
+    result = train_judge(fs.features, fs.important, fs.groups, val_fraction=val_fraction, seed=seed,
+                         curve_fractions=fractions)
     written = list(save_judge(out, result, fs.meta))
     if export == "vllm":
         written.append(export_vllm(out.with_name(out.name + ".vllm.pkl"), result, fs.meta["setup"]))

@@ -84,7 +84,12 @@ def train_judge(
     val_fraction: float = 0.2,
     seed: int = 0,
     c_grid: tuple[float, ...] = C_GRID,
+    curve_fractions: list[float] | None = None,
 ) -> TrainResult:
+    """`curve_fractions` (e.g. [0.25, 0.5, 1]) adds a learning curve to the report: does labelling more problems
+    still help?"""
+    if curve_fractions is not None:
+        check_fractions(curve_fractions)
     x = features.to(torch.float64)
     y = important.to(torch.float64)
     train_idx, val_idx = grouped_split(groups, val_fraction, seed)
@@ -119,6 +124,9 @@ def train_judge(
         "train_auc_refit": roc_auc(y, head.predict_proba(x)),
         "val_at_thresholds": at_thresholds,
     }
+    if curve_fractions is not None:
+        report["learning_curve"] = _learning_curve(x, y, groups, train_idx, val_idx, curve_fractions, seed, c_grid,
+                                                   full_split=(best_c, val_auc))
     default = {"recall": DEFAULT_RECALL, "value": thresholds["recall"][str(DEFAULT_RECALL)]}
     return TrainResult(head, best_c, thresholds, default, report)
 
@@ -128,31 +136,22 @@ def check_fractions(fractions: list[float]) -> None:
         raise AutojudgeError(f"--learning-curve shares must lie in (0, 1], e.g. 0.25,0.5,1; got {fractions}")
 
 
-def learning_curve(
-    features: torch.Tensor,
-    important: torch.Tensor,
-    groups: list[str],
-    fractions: list[float],
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    c_grid: tuple[float, ...] = C_GRID,
-) -> list[dict]:
-    """Validation ROC-AUC of heads trained on a share of the training problems (the same validation problems as
-    `train_judge`, C picked on them for each share): does labelling more problems still help? The shares are
-    nested: each adds problems, in a seeded order, to the smaller one."""
-    check_fractions(fractions)
-    x = features.to(torch.float64)
-    y = important.to(torch.float64)
-    train_idx, val_idx = grouped_split(groups, val_fraction, seed)
-    _check_classes(y[val_idx], "validation")
+def _learning_curve(x, y, groups, train_idx, val_idx, fractions, seed, c_grid, full_split) -> list[dict]:
+    """Validation ROC-AUC of heads trained on a share of the training problems (the same validation problems,
+    C picked on them for each share). The shares are nested: each adds problems, in a seeded order, to the smaller
+    one. The whole share is the split `train_judge` already picked C on: `full_split` (best C, its AUC) is
+    reused, not refitted (the largest fits are the slowest)."""
     names = sorted({groups[i] for i in train_idx})
     random.Random(seed).shuffle(names)
     points = []
     for fraction in sorted(set(fractions)):
         kept = set(names[: max(1, round(fraction * len(names)))])
         rows = [i for i in train_idx if groups[i] in kept]
-        best_c, val_auc, _, _ = pick_c(x[rows], y[rows], x[val_idx], y[val_idx], c_grid,
-                                        f"training ({fraction:g} of the problems)")
+        if len(kept) == len(names):
+            best_c, val_auc = full_split
+        else:
+            best_c, val_auc, _, _ = pick_c(x[rows], y[rows], x[val_idx], y[val_idx], c_grid,
+                                            f"training ({fraction:g} of the problems)")
         points.append({"fraction": fraction, "problems": len(kept), "rows": len(rows), "best_c": best_c,
                        "val_auc": val_auc})
     return points
