@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from autojudge.engine import loading
 from autojudge.engine.decoder import Decoder
-from autojudge.engine.model import Linear
+from autojudge.engine.model import Linear, _attend
 from autojudge.engine.tokenizer import load_tokenizer
 from autojudge.testing import make_tiny_checkpoint
 
@@ -65,6 +66,25 @@ def test_linear_equals_f_linear(lead, bias, dtype):
     tol = 1e-4 if dtype == torch.float32 else 0.5
     if out.numel():
         assert (out.double() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("mask_rows", ["per-row", "shared", None])
+@pytest.mark.parametrize("batch,heads,kv_heads,seqlen,slots", [
+    (1, 4, 4, 1, 7), (3, 4, 2, 1, 9), (5, 12, 2, 1, 33), (2, 14, 2, 6, 20), (4, 6, 3, 17, 40), (1, 8, 1, 5, 5)])
+def test_folded_attention_equals_sdpa_with_gqa(batch, heads, kv_heads, seqlen, slots, mask_rows):
+    """`_attend` folds each KV head's query heads into its query rows: the same attention as SDPA's enable_gqa,
+    query head h reading KV head h // (heads / kv_heads), under a per-row, a shared or no mask."""
+    gen = torch.Generator().manual_seed(batch * 100 + heads * 10 + seqlen)
+    q = torch.randn(batch, seqlen, heads, 16, generator=gen).transpose(1, 2)  # strided, as the projections give it
+    k, v = (torch.randn(batch, kv_heads, slots, 16, generator=gen) for _ in range(2))
+    mask = None
+    if mask_rows is not None:
+        positions = torch.randint(0, slots, (batch if mask_rows == "per-row" else 1, seqlen), generator=gen)
+        mask = (torch.arange(slots)[None, None, :] <= positions[:, :, None])[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = _attend(q, k, v, mask)
+    assert out.shape == (batch, heads, seqlen, 16)
+    assert (out - ref).abs().max().item() <= 1e-5
 
 
 def test_hidden_is_after_final_norm(tiny_qwen):
