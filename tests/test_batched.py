@@ -100,6 +100,35 @@ def test_cache_filling_up_on_one_row(engine):
         assert [o.stats.finish_reason for o in got] == ["cache_full", "length", "length"]
 
 
+@pytest.mark.parametrize("mode,schedule,setup", [
+    ("target", "cycles", None), ("speculative", "cycles", None), ("speculative", "tokenwise", None),
+    ("autojudge", "cycles", "DD-DT"), ("autojudge", "tokenwise", "DD-DT"), ("topk", "tokenwise", None)])
+def test_rows_left_busy_are_packed_down_and_still_equal_batch1(engine, mode, schedule, setup, monkeypatch):
+    """Long prompts reach the cache end first, so answers end at very different steps: once no prompt waits, the
+    busy rows move into the free rows below them and each forward serves only the busy rows, every row still its
+    batch-1 run (tokens, cycles, rescues)."""
+    prompts = prompts_of([MAX_SEQ - 8, 6, MAX_SEQ - 20, 12, 3, MAX_SEQ - 14, 9], seed=12)
+    judge = TopkRule(k=3) if mode == "topk" else (random_judge(engine, setup, seed=5) if setup else None)
+    kw = dict(max_new_tokens=60, mode=mode, window=6, ignore_eos=True)
+    if judge is not None:
+        kw.update(judge=judge, threshold=0.05 if mode == "topk" else 0.5)
+    served = []
+    forward_rows = type(engine.target).forward_rows
+
+    def counting(decoder, tokens, *args, **kwargs):
+        if decoder is engine.target:
+            served.append(tokens.shape[0])
+        return forward_rows(decoder, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.target), "forward_rows", counting)
+    got = engine.generate_batch(prompts, max_batch=4, schedule=schedule, **kw)
+    monkeypatch.undo()
+    assert_rows_equal(got, batch1(engine, prompts, **kw))
+    assert {o.stats.finish_reason for o in got} == {"cache_full", "length"}
+    # Prefills serve one row; without packing every decode forward would serve all 4.
+    assert max(served) == 4 and any(1 < rows < 4 for rows in served)
+
+
 def test_self_draft_fills_windows_to_the_cache_end(tiny_pair):
     engine = Engine.from_pretrained(target=str(tiny_pair[0]), draft=str(tiny_pair[0]), max_seq_len=48,
                                     kernels="eager")

@@ -124,9 +124,42 @@ class BatchRun:
                 self._target_step()
             else:
                 self._cycle()
+            self._pack_rows()
         self.stats.total_s = time.perf_counter() - start
         self.stats.new_tokens = sum(out.stats.new_tokens for out in self.outputs)
         return BatchOutputs(self.outputs, self.stats)
+
+    def _pack_rows(self) -> None:
+        """Once no prompt waits, moves the busy rows into the free rows below them and serves only those from then
+        on: on a CPU a step costs about its rows (180 ms + 9 ms a row for the default target in bf16,
+        bench/RESULTS.md), and the last long answers of a batch would otherwise take every free row through each
+        forward. CUDA graphs replay a fixed number of rows, so with graphs on the rows stay where they are."""
+        if self.waiting or self.graphs is not None:
+            return
+        busy = [b for b, slot in enumerate(self.slots) if slot is not None]
+        if len(busy) == self.n:
+            return
+        free = (b for b in range(len(busy)) if self.slots[b] is None)
+        for src in (b for b in busy if b >= len(busy)):
+            self._move_row(src, next(free))
+        self._keep_rows(len(busy))
+
+    def _move_row(self, src: int, dst: int) -> None:
+        for dec in filter(None, (self.target, self.draft)):
+            dec.move_row(src, dst)
+        self.tokens[dst] = self.tokens[src]
+        self.slots[dst], self.slots[src] = self.slots[src], None
+
+    def _keep_rows(self, n: int) -> None:
+        """Serves rows [0, n) from now on; the per-row buffers become views of their first n rows."""
+        self.n = n
+        self.tokens, self.rows, self.slots = self.tokens[:n], self.rows[:n], self.slots[:n]
+        if self.draft is not None:
+            if self.draft_hidden is not None:
+                self.draft_hidden = self.draft_hidden[:n]
+            if self.draft_probs is not None:
+                self.draft_probs = self.draft_probs[:n]
+            self.verify_outs = {}
 
     def _refill(self, b: int) -> None:
         """Prefills the next waiting prompt into slot b (each prompt alone: prompts are ragged); a prompt whose

@@ -132,6 +132,15 @@ class Decoder:
             cache.k[row, :, : k.shape[2]] = k[i].to(cache.k.device)
             cache.v[row, :, : v.shape[2]] = v[i].to(cache.v.device)
 
+    @torch.inference_mode()
+    def move_row(self, src: int, dst: int) -> None:
+        """Copies cache row `src` whole into row `dst` (a batched run packing its busy rows together)."""
+        if dst == 0:
+            self.cached_len = 0  # as in forward_rows
+        for cache in self._caches():
+            cache.k[dst] = cache.k[src]
+            cache.v[dst] = cache.v[src]
+
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` already have valid keys/values in the cache (one host read)."""
         n = min(len(ids), self.cached_len)

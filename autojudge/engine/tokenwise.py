@@ -52,6 +52,19 @@ class TokenwiseRun(BatchRun):
             self.pair_logits = torch.zeros(self.n, 2, self.target.config.vocab_size, device=self.device)
             self.verify_out = VerifyOutput.empty(self.n, 1, self.device)
 
+    def _move_row(self, src: int, dst: int) -> None:
+        super()._move_row(src, dst)
+        self.turns[dst], self.turns[src] = self.turns[src], None
+        if self.draft is not None:
+            self.pair_logits[dst] = self.pair_logits[src]
+
+    def _keep_rows(self, n: int) -> None:
+        super()._keep_rows(n)
+        self.turns = self.turns[:n]
+        if self.draft is not None:
+            self.pair_logits = self.pair_logits[:n]
+            self.verify_out = VerifyOutput.empty(n, 1, self.device)
+
     def _turn(self, b: int) -> _Turn:
         """Row b's turn; a slot just (re)filled starts at its first token, committed by the prefill."""
         slot = self.slots[b]
