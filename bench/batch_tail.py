@@ -1,6 +1,7 @@
 """The tail of a batch: GSM8K test prompts through fewer slots than prompts, decoded with the busy rows packed
 down once no prompt waits (the engine's way) and with every slot served to the end (packing switched off here),
-default pair. Prints whether every row's tokens agree, each way's decode time and target positions pushed.
+default pair. Prints whether every row's tokens agree, each way's decode time and target positions pushed
+(prefills out).
 
     python bench/batch_tail.py [--problems 24] [--batch-size 12] [--new-tokens 200] [--mode target|speculative]
         [--schedule tokenwise] [--dtype bf16]
@@ -9,12 +10,16 @@ default pair. Prints whether every row's tokens agree, each way's decode time an
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
-from autojudge import Engine
-from autojudge.engine.batched import BatchRun
-from autojudge.tasks.datasets import load_dataset
-from autojudge.tasks.prompts import build_messages
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import timed_batch  # noqa: E402
+
+from autojudge import Engine  # noqa: E402
+from autojudge.engine.batched import BatchRun  # noqa: E402
+from autojudge.tasks.datasets import load_dataset  # noqa: E402
+from autojudge.tasks.prompts import build_messages  # noqa: E402
 
 
 def main():
@@ -40,23 +45,10 @@ def main():
     for name in ("packed", "every slot"):
         if name == "every slot":
             BatchRun._pack_rows = lambda self: None
-        positions = 0
-        forward_rows = eng.target.forward_rows
-
-        def counting(tokens, *a, forward_rows=forward_rows, **k):
-            nonlocal positions
-            positions += tokens.numel()  # padding included: it costs what a real position does
-            return forward_rows(tokens, *a, **k)
-
-        eng.target.forward_rows = counting
-        t0 = time.perf_counter()
-        out = eng.generate_batch(prompts, **kw)
-        wall = time.perf_counter() - t0
-        eng.target.forward_rows = forward_rows
+        out, decode_s, positions = timed_batch(eng, prompts, **kw)
         BatchRun._pack_rows = pack_rows
         lengths = sorted(o.stats.new_tokens for o in out)
-        decode = wall - sum(o.stats.prefill_s for o in out)
-        print(f"| {name} | {decode:.1f} | {positions} | {sum(lengths)} | {lengths[0]} / "
+        print(f"| {name} | {decode_s:.1f} | {positions} | {sum(lengths)} | {lengths[0]} / "
               f"{lengths[len(lengths) // 2]} / {lengths[-1]} |")
         outs[name] = [o.token_ids for o in out]
     print(f"every row's tokens agree: {outs['packed'] == outs['every slot']}")

@@ -38,3 +38,25 @@ def device_bandwidth() -> float:
     src = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), 10) / 1e3)
+
+
+def timed_batch(engine, prompts, **kw):
+    """engine.generate_batch(prompts, **kw) -> (outputs, decode seconds, target positions pushed), both with the
+    prefills taken out; the positions count padding, which costs what a real position does."""
+    positions = 0
+    forward_rows = engine.target.forward_rows
+
+    def counting(tokens, *args, **kwargs):
+        nonlocal positions
+        positions += tokens.numel()
+        return forward_rows(tokens, *args, **kwargs)
+
+    engine.target.forward_rows = counting
+    try:
+        t0 = time.perf_counter()
+        out = engine.generate_batch(prompts, **kw)
+        wall = time.perf_counter() - t0
+    finally:
+        engine.target.forward_rows = forward_rows
+    return (out, wall - sum(o.stats.prefill_s for o in out),
+            positions - sum(len(o.prompt_ids) for o in out))

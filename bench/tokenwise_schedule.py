@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import torch
 
-from autojudge import Engine
-from autojudge.engine.request import TopkRule
-from autojudge.judge.judge_file import load_judge_for_engine
-from autojudge.tasks.datasets import load_dataset
-from autojudge.tasks.prompts import build_messages
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import timed_batch  # noqa: E402
+
+from autojudge import Engine  # noqa: E402
+from autojudge.engine.request import TopkRule  # noqa: E402
+from autojudge.judge.judge_file import load_judge_for_engine  # noqa: E402
+from autojudge.tasks.datasets import load_dataset  # noqa: E402
+from autojudge.tasks.prompts import build_messages  # noqa: E402
 
 
 def main():
@@ -43,25 +46,11 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     outs = {}
     for schedule in ("tokenwise", "cycles"):
-        positions = 0
-        forward_rows = eng.target.forward_rows
-
-        def counting(tokens, *a, forward_rows=forward_rows, **k):
-            nonlocal positions
-            positions += tokens.numel()  # padding included: it costs what a real position does
-            return forward_rows(tokens, *a, **k)
-
-        eng.target.forward_rows = counting
-        t0 = time.perf_counter()
-        out = eng.generate_batch(prompts, schedule=schedule, **kw)
-        wall = time.perf_counter() - t0
-        eng.target.forward_rows = forward_rows
-        prefill = sum(o.stats.prefill_s for o in out)
+        out, decode_s, positions = timed_batch(eng, prompts, schedule=schedule, **kw)
         cycles = sum(o.stats.cycles for o in out)
         accepted = sum(a * c for o in out for a, c in o.stats.histogram.items())
         tokens = sum(o.stats.new_tokens for o in out)
-        positions -= sum(len(o.prompt_ids) for o in out)  # the prefills, the same in both
-        print(f"| {schedule} | {wall - prefill:.1f} | {out.stats.model_steps} | {positions} | {tokens} "
+        print(f"| {schedule} | {decode_s:.1f} | {out.stats.model_steps} | {positions} | {tokens} "
               f"| {accepted / cycles:.2f} |", flush=True)
         outs[schedule] = out
     same = [a.token_ids == b.token_ids and a.stats.histogram == b.stats.histogram
