@@ -1,6 +1,7 @@
 """Continuous batching: any number of prompts through at most `max_batch` cache rows ("slots"), every model
 call serving all busy slots at once. A finished sequence frees its slot and the next waiting prompt is
-prefilled into it, so uneven answer lengths do not leave slots idle.
+prefilled into it, so uneven answer lengths do not leave slots idle; once no prompt waits, the rows still busy
+move down into the free ones and forwards serve only them (`_pack_rows`).
 
 Each slot keeps its own length; a forward takes per row its own tokens at its own positions. Rows with fewer
 tokens than the longest are padded, and padding is written to the trash slot `max_seq_len`, which no real
