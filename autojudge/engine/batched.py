@@ -134,8 +134,10 @@ class BatchRun:
         """Once no prompt waits, moves the busy rows into the free rows below them and serves only those from then
         on: on a CPU a step costs about its rows (180 ms + 9 ms a row for the default target in bf16,
         bench/RESULTS.md), and the last long answers of a batch would otherwise take every free row through each
-        forward. CUDA graphs replay a fixed number of rows, so with graphs on the rows stay where they are."""
-        if self.waiting or self.graphs is not None:
+        forward. CUDA graphs replay a fixed number of rows, so with graphs on the rows stay where they are; so do
+        sampled rows, as their random numbers are drawn for all rows in slot order: moved, they would draw other
+        tokens than the same run with graphs on."""
+        if self.waiting or self.graphs is not None or self.sampler.temperature > 0:
             return
         busy = [b for b, slot in enumerate(self.slots) if slot is not None]
         if len(busy) == self.n:
